@@ -1,0 +1,27 @@
+"""fastoptim: fused Triton and CUDA kernels for Muon, NorMuon and Sophia.
+
+The ops (`fastoptim.ops`, re-exported here) are functional and autograd-free; each takes
+``backend="auto"|"cuda"|"triton"|"torch"``. `fastoptim.backends.available()` says what can run here.
+"""
+
+from __future__ import annotations
+
+from . import backends, coefficients, ops, reference
+from .backends import BackendUnavailableError
+from .ops import hessian_ema_, muon_apply_, muon_momentum_, newton_schulz, normuon_step_, sophia_step_
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "backends",
+    "coefficients",
+    "hessian_ema_",
+    "muon_apply_",
+    "muon_momentum_",
+    "newton_schulz",
+    "normuon_step_",
+    "ops",
+    "reference",
+    "sophia_step_",
+]

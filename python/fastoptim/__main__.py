@@ -1,0 +1,3 @@
+from fastoptim.cli import main
+
+raise SystemExit(main())

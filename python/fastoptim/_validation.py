@@ -1,0 +1,119 @@
+"""Checks of user input at the public boundary.
+
+Every check raises before any tensor is touched, with a message that names the argument and says
+what was expected: TypeError for a wrong kind of thing (not a tensor, an integer or complex dtype,
+a hyper-parameter that is not a real number), ValueError for a wrong value (shape, device, a
+non-finite or out-of-range number).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def tensor(name: str, value: object, *, min_ndim: int = 0) -> torch.Tensor:
+    """A real floating-point tensor with at least `min_ndim` dimensions."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.is_complex():
+        raise TypeError(f"{name} must be a real floating-point tensor, got complex dtype {value.dtype}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must have a floating dtype (float32, bfloat16, float16 or float64), got {value.dtype}"
+        )
+    if value.is_sparse or value.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
+    if value.dim() < min_ndim:
+        raise ValueError(
+            f"{name} must have at least {min_ndim} dimensions (..., m, n), got shape {tuple(value.shape)}"
+        )
+    return value
+
+
+def same_shape(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if value.shape != ref.shape:
+        raise ValueError(
+            f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(value.shape)}"
+        )
+
+
+def same_device(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if value.device != ref.device:
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {value.device}")
+
+
+def real(name: str, value: object) -> float:
+    """A finite real number (bool and complex are refused); returns it as a Python float."""
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a Python number, got a tensor (pass float({name}))")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def non_negative(name: str, value: object) -> float:
+    value = real(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def positive(name: str, value: object) -> float:
+    value = real(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def beta(name: str, value: object) -> float:
+    """An EMA coefficient in [0, 1)."""
+    value = real(name, value)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return value
+
+
+def boolean(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def compute_dtype(name: str, value: object) -> torch.dtype:
+    if not isinstance(value, torch.dtype):
+        raise TypeError(f"{name} must be a torch.dtype, got {type(value).__name__} {value!r}")
+    if value not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be one of float32, bfloat16, float16, float64; got {value}")
+    return value
+
+
+def tensor_list(name: str, values: object) -> list[torch.Tensor]:
+    """A list (or tuple) of real floating-point tensors."""
+    if isinstance(values, torch.Tensor) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a list of tensors, got {type(values).__name__}")
+    return [tensor(f"{name}[{i}]", v) for i, v in enumerate(values)]
+
+
+def matching_lists(names: Sequence[str], lists: Sequence[list[torch.Tensor]]) -> None:
+    """Lists of equal length whose i-th tensors share shape and device with the first list's."""
+    first_name, first = names[0], lists[0]
+    for name, values in zip(names[1:], lists[1:]):
+        if len(values) != len(first):
+            raise ValueError(
+                f"{name} must have as many tensors as {first_name} ({len(first)}), got {len(values)}"
+            )
+        for i, (v, ref) in enumerate(zip(values, first)):
+            same_shape(f"{name}[{i}]", v, f"{first_name}[{i}]", ref)
+            same_device(f"{name}[{i}]", v, f"{first_name}[{i}]", ref)
+    devices = {t.device for t in first}
+    if len(devices) > 1:
+        raise ValueError(f"{first_name} must all be on one device, got {sorted(map(str, devices))}")

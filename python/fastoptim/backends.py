@@ -1,0 +1,137 @@
+"""Which backend runs an op: what can run here, why not, and the choice for one call.
+
+Three backends compute the same functions:
+- ``cuda``: hand-written CUDA in csrc/, compiled into ``fastoptim._C``; CUDA tensors only.
+- ``triton``: hand-written Triton in ``fastoptim.triton_kernels``; CUDA tensors, or CPU tensors
+  when ``TRITON_INTERPRET=1`` (the interpreter; how CI tests it).
+- ``torch``: ``fastoptim.reference``, pure PyTorch; runs everywhere.
+
+``backend="auto"`` picks, for CUDA tensors, the first of cuda -> triton -> torch that can run the op
+on these arguments; for CPU tensors, torch. ``FASTOPTIM_BACKEND`` (cuda|triton|torch) replaces
+``"auto"``; an explicit ``backend=`` argument wins over it. Asking for a backend that cannot run
+raises BackendUnavailableError saying why.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+NAMES = ("cuda", "triton", "torch")
+CHOICES = ("auto", *NAMES)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that cannot run this op, on this machine or on these tensors."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    reason: str
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_status() -> BackendStatus:
+    try:
+        from . import _C  # noqa: F401
+    except ImportError as exc:
+        return BackendStatus(
+            "cuda",
+            False,
+            f"the extension fastoptim._C is not built ({exc}); reinstall on a machine with nvcc and a CUDA "
+            "build of torch (FASTOPTIM_CUDA=1 pip install --no-build-isolation -e .)",
+        )
+    if not torch.cuda.is_available():
+        return BackendStatus("cuda", False, "the extension fastoptim._C is built, but no CUDA GPU is visible")
+    return BackendStatus("cuda", True, f"fastoptim._C on {torch.cuda.get_device_name()}")
+
+
+def _triton_status() -> BackendStatus:
+    try:
+        import triton
+    except ImportError as exc:
+        return BackendStatus("triton", False, f"triton is not installed ({exc})")
+    if _triton_interpret():
+        return BackendStatus(
+            "triton", True, f"triton {triton.__version__}, TRITON_INTERPRET=1: kernels run on CPU tensors"
+        )
+    if not torch.cuda.is_available():
+        return BackendStatus(
+            "triton",
+            False,
+            f"triton {triton.__version__} is installed, but no GPU is visible "
+            "(TRITON_INTERPRET=1 runs its kernels on CPU tensors)",
+        )
+    return BackendStatus("triton", True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}")
+
+
+def available() -> dict[str, BackendStatus]:
+    """Each backend's status here: whether it can run, and the reason (why not, or on what)."""
+    return {
+        "cuda": _cuda_status(),
+        "triton": _triton_status(),
+        "torch": BackendStatus("torch", True, f"pure PyTorch {torch.__version__}; runs on every device"),
+    }
+
+
+_MODULES = {"torch": "fastoptim._torch_backend", "cuda": "fastoptim._cuda_backend", "triton": "fastoptim.triton_kernels"}
+
+
+@functools.lru_cache(maxsize=None)
+def _module(name: str) -> ModuleType:
+    """A backend module: OPS maps op name -> implementation; SUPPORTS (optional) maps op name ->
+    a predicate on the call's arguments that returns None or the reason it cannot run them."""
+    return importlib.import_module(_MODULES[name])
+
+
+def _why_not(name: str, op: str, device: torch.device, args: tuple) -> str | None:
+    status = available()[name]
+    if not status.available:
+        return status.reason
+    if name == "cuda" and device.type != "cuda":
+        return f"it runs on CUDA tensors, got {device.type} tensors"
+    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and _triton_interpret()):
+        return f"it runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {device.type} tensors"
+    module = _module(name)
+    if op not in module.OPS:
+        return f"the {name} backend has no {op} kernel yet"
+    supports = getattr(module, "SUPPORTS", {}).get(op)
+    return supports(*args) if supports is not None else None
+
+
+def select(op: str, backend: str, device: torch.device, args: tuple = ()) -> str:
+    """The backend that runs `op` on tensors of `device` with these arguments."""
+    if backend not in CHOICES:
+        raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
+    if backend == "auto":
+        forced = os.environ.get("FASTOPTIM_BACKEND", "").strip().lower()
+        if forced and forced != "auto":
+            if forced not in NAMES:
+                raise ValueError(f"FASTOPTIM_BACKEND must be one of {CHOICES}, got {forced!r}")
+            backend = forced
+    if backend != "auto":
+        reason = _why_not(backend, op, device, args)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {backend!r} cannot run {op} here: {reason}")
+        return backend
+    order = NAMES if device.type == "cuda" else ("torch",)
+    for name in order:
+        if _why_not(name, op, device, args) is None:
+            return name
+    raise BackendUnavailableError(f"no backend can run {op} on {device} tensors")  # torch always can
+
+
+def implementation(op: str, backend: str) -> Callable:
+    """The function of a concrete backend (after select) that computes `op`."""
+    return _module(backend).OPS[op]

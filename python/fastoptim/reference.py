@@ -1,0 +1,192 @@
+"""The torch backend: every fastoptim op in plain PyTorch. This file is the specification.
+
+Written for clarity from the papers and the original implementations; kernels are tested against
+it and it is tested against float64 math. It is never edited to make a kernel pass.
+
+Arithmetic is done in float32 (float64 when any operand is float64) whatever the storage dtype,
+and results are written back into the stored tensors in place. Input checking lives in
+`fastoptim.ops`; these functions assume valid arguments.
+
+Sources
+- Muon: K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks" (2024),
+  https://kellerjordan.github.io/posts/muon/ and github.com/KellerJordan/Muon.
+- NorMuon: Z. Li et al., "NorMuon: Making Muon more efficient and scalable" (arXiv:2510.05491),
+  and its official code (normuon.py).
+- Sophia: H. Liu et al., "Sophia: A Scalable Stochastic Second-order Optimizer for Language Model
+  Pre-training" (arXiv:2305.14342), Algorithm 3, and its official code (sophia.py).
+- Cautious weight decay: L. Chen et al., "Cautious Weight Decay" (arXiv:2510.12402).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .coefficients import Schedule, resolve
+
+
+def _accumulate_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def newton_schulz(
+    G: torch.Tensor,
+    steps: int | None = None,
+    coefficients: str | Sequence[Sequence[float]] | Schedule = "jordan",
+    eps: float = 1e-7,
+    compute_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Approximate orthogonal polar factor of each matrix of a stack G (..., m, n).
+
+        X = G / (safety·‖G‖_F + eps)        (in fp32, or fp64 when G or compute_dtype is fp64)
+        for each (a, b, c) of the schedule:
+            A = X Xᵀ;  B = b A + c A²;  X = a X + B X          (wide form, m <= n)
+            A = XᵀX;   B = b A + c A²;  X = a X + X B          (tall form, m > n)
+
+    The two forms are the same polynomial (X XᵀX = X (XᵀX)); the tall form keeps the Gram matrix
+    n x n, the smaller side, without transposing a copy. Every matmul runs in compute_dtype.
+    Returns a new (..., m, n) tensor of dtype compute_dtype.
+    """
+    schedule = resolve(coefficients, steps)
+    m, n = G.shape[-2], G.shape[-1]
+    norm_dtype = torch.float64 if torch.float64 in (G.dtype, compute_dtype) else torch.float32
+    G_wide = G.to(norm_dtype)
+    frobenius = torch.linalg.matrix_norm(G_wide, ord="fro", keepdim=True)
+    X = (G_wide / (frobenius * schedule.safety + eps)).to(compute_dtype)
+    tall = m > n
+    for a, b, c in schedule.triples:
+        if tall:
+            A = X.mT @ X
+            B = b * A + c * (A @ A)
+            X = a * X + X @ B
+        else:
+            A = X @ X.mT
+            B = b * A + c * (A @ A)
+            X = a * X + B @ X
+    return X.contiguous()
+
+
+def muon_momentum_(buf: torch.Tensor, grad: torch.Tensor, beta: float, nesterov: bool) -> torch.Tensor:
+    """Muon's momentum as an EMA, in place on buf; returns the Newton–Schulz input.
+
+        buf <- lerp(buf, grad, 1 - beta) = beta·buf + (1 - beta)·grad
+        return lerp(grad, buf, beta) if nesterov else buf
+
+    Unlike the original code (grad.lerp_(buf, beta)), grad is never overwritten: the Nesterov
+    combination is a new tensor in buf's dtype.
+    """
+    buf.lerp_(grad.to(buf.dtype), 1.0 - beta)
+    if nesterov:
+        return grad.to(buf.dtype).lerp(buf, beta)
+    return buf
+
+
+def muon_apply_(
+    param: torch.Tensor,
+    update: torch.Tensor,
+    lr: float,
+    weight_decay: float,
+    scale: float,
+    cautious: bool = False,
+) -> None:
+    """Decoupled weight decay, then the scaled step, in place on param.
+
+        p <- p·(1 - lr·wd)        cautious: only where update·p >= 0 (Chen et al., "Cautious Weight Decay")
+        p <- p - lr·scale·update
+    """
+    acc = _accumulate_dtype(param, update)
+    p = param.to(acc)
+    u = update.to(acc)
+    decayed = p * (1.0 - lr * weight_decay)
+    if cautious:
+        decayed = torch.where(u * p >= 0, decayed, p)
+    param.copy_(decayed - (lr * scale) * u)
+
+
+def normuon_step_(
+    param: torch.Tensor,
+    update: torch.Tensor,
+    second_moment: torch.Tensor,
+    lr: float,
+    weight_decay: float,
+    beta2: float,
+    eps: float,
+    scale: float,
+) -> None:
+    """NorMuon's row-wise normalization of an orthogonalized update O (..., m, n), and the step.
+
+        v <- lerp(v, mean_j(O_ij²), 1 - beta2)           one value per row i; v is (..., m)
+        Ô = O / (√v + eps)                               each row divided by its RMS estimate
+        Ô <- Ô · ‖O‖_F / (‖Ô‖_F + eps)                   the update keeps the norm of O
+        p <- p·(1 - lr·wd)
+        p <- p - lr·scale·Ô
+
+    scale = max(1, m/n)^½ reproduces the official code; 0.2·√max(m, n) gives the paper's
+    AdamW-matched update RMS of 0.2. A matrix with no columns leaves v unchanged (its row mean
+    is taken as 0 rows of nothing: the EMA moves v toward 0).
+    """
+    acc = _accumulate_dtype(param, update, second_moment)
+    O = update.to(acc)
+    n = O.shape[-1]
+    row_mean_square = (O * O).sum(dim=-1) / max(n, 1)
+    second_moment.lerp_(row_mean_square.to(second_moment.dtype), 1.0 - beta2)
+    row_scale = 1.0 / (second_moment.to(acc).sqrt() + eps)
+    O_hat = O * row_scale.unsqueeze(-1)
+    norm_O = torch.linalg.matrix_norm(O, ord="fro", keepdim=True)
+    norm_O_hat = torch.linalg.matrix_norm(O_hat, ord="fro", keepdim=True)
+    O_hat = O_hat * (norm_O / (norm_O_hat + eps))
+    p = param.to(acc) * (1.0 - lr * weight_decay)
+    param.copy_(p - (lr * scale) * O_hat)
+
+
+def sophia_step_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    hessians: Sequence[torch.Tensor],
+    lr: float,
+    beta1: float,
+    rho: float,
+    weight_decay: float,
+    eps: float,
+    return_unclipped: bool = False,
+) -> torch.Tensor | None:
+    """Sophia's clipped, preconditioned step over a list of tensors (Liu et al., Algorithm 3).
+
+        p <- p·(1 - lr·wd)
+        m <- lerp(m, g, 1 - beta1)
+        p <- p - lr·clip(m / max(rho·h, eps), -1, 1)
+
+    With return_unclipped, returns the fraction of coordinates where |m / max(rho·h, eps)| < 1
+    (the official code's "win rate"; 0 when there are no coordinates) as a float32 0-dim tensor
+    on the parameters' device, without a host synchronization. Otherwise returns None.
+    """
+    unclipped = None
+    total = 0
+    for param, grad, exp_avg, hessian in zip(params, grads, exp_avgs, hessians):
+        acc = _accumulate_dtype(param, grad, exp_avg, hessian)
+        exp_avg.lerp_(grad.to(exp_avg.dtype), 1.0 - beta1)
+        ratio = exp_avg.to(acc) / torch.clamp(rho * hessian.to(acc), min=eps)
+        p = param.to(acc) * (1.0 - lr * weight_decay)
+        param.copy_(p - lr * ratio.clamp(-1.0, 1.0))
+        if return_unclipped:
+            count = (ratio.abs() < 1).sum(dtype=torch.float32)
+            unclipped = count if unclipped is None else unclipped + count
+            total += ratio.numel()
+    if not return_unclipped:
+        return None
+    if unclipped is None:
+        device = params[0].device if len(params) else torch.device("cpu")
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return unclipped / max(total, 1)
+
+
+def hessian_ema_(hessians: Sequence[torch.Tensor], estimates: Sequence[torch.Tensor], beta2: float) -> None:
+    """The Hessian EMA of Sophia, over a list of tensors: h <- lerp(h, ĥ, 1 - beta2).
+
+    ĥ is the estimator's output: g ⊙ g of a gradient on sampled labels (Gauss–Newton–Bartlett,
+    SophiaG) or u ⊙ (H u) for a random u (Hutchinson, SophiaH).
+    """
+    for hessian, estimate in zip(hessians, estimates):
+        hessian.lerp_(estimate.to(hessian.dtype), 1.0 - beta2)
