@@ -1,11 +1,20 @@
 """fastoptim.triton_kernels: the Triton backend (hand-written Triton kernels and their launchers).
 
-OPS maps an op name to its launcher, in the calling convention of the fastoptim::* ops
-(fastoptim/ops.py); SUPPORTS maps an op name to a predicate that returns None or the reason a call's
-arguments cannot run here. Ops absent from OPS fall through to the torch backend under auto dispatch.
+One file per op family. Each module exports OPS (op name -> launcher, in the calling convention of
+the fastoptim::* ops in fastoptim/ops.py) and SUPPORTS (op name -> predicate on the call's
+arguments returning None, or the reason this backend cannot run them). Ops absent here fall through
+to the torch backend under auto dispatch.
+
+Importing this package imports triton; `fastoptim.backends` imports it only when the Triton backend
+can run (a GPU, or TRITON_INTERPRET=1 for CPU tensors).
 """
 
 from __future__ import annotations
 
+from . import muon, newton_schulz, normuon, sophia
+
 OPS: dict = {}
 SUPPORTS: dict = {}
+for _module in (newton_schulz, muon, normuon, sophia):
+    OPS.update(_module.OPS)
+    SUPPORTS.update(_module.SUPPORTS)

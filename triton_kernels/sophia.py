@@ -1,0 +1,6 @@
+"""Triton kernels: sophia (not written yet)."""
+
+from __future__ import annotations
+
+OPS: dict = {}
+SUPPORTS: dict = {}
