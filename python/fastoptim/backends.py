@@ -42,6 +42,7 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+@functools.cache
 def _cuda_status() -> BackendStatus:
     try:
         from . import _C  # noqa: F401
@@ -57,23 +58,31 @@ def _cuda_status() -> BackendStatus:
     return BackendStatus("cuda", True, f"fastoptim._C on {torch.cuda.get_device_name()}")
 
 
-def _triton_status() -> BackendStatus:
+@functools.cache
+def _triton_version() -> str | None:
     try:
         import triton
-    except ImportError as exc:
-        return BackendStatus("triton", False, f"triton is not installed ({exc})")
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def _triton_status() -> BackendStatus:
+    version = _triton_version()
+    if version is None:
+        return BackendStatus("triton", False, "triton is not installed")
     if _triton_interpret():
         return BackendStatus(
-            "triton", True, f"triton {triton.__version__}, TRITON_INTERPRET=1: kernels run on CPU tensors"
+            "triton", True, f"triton {version}, TRITON_INTERPRET=1: kernels run on CPU tensors"
         )
     if not torch.cuda.is_available():
         return BackendStatus(
             "triton",
             False,
-            f"triton {triton.__version__} is installed, but no GPU is visible "
+            f"triton {version} is installed, but no GPU is visible "
             "(TRITON_INTERPRET=1 runs its kernels on CPU tensors)",
         )
-    return BackendStatus("triton", True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}")
+    return BackendStatus("triton", True, f"triton {version} on {torch.cuda.get_device_name()}")
 
 
 def available() -> dict[str, BackendStatus]:
@@ -85,10 +94,14 @@ def available() -> dict[str, BackendStatus]:
     }
 
 
-_MODULES = {"torch": "fastoptim._torch_backend", "cuda": "fastoptim._cuda_backend", "triton": "fastoptim.triton_kernels"}
+_MODULES = {
+    "torch": "fastoptim._torch_backend",
+    "cuda": "fastoptim._cuda_backend",
+    "triton": "fastoptim.triton_kernels",
+}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module(name: str) -> ModuleType:
     """A backend module: OPS maps op name -> implementation; SUPPORTS (optional) maps op name ->
     a predicate on the call's arguments that returns None or the reason it cannot run them."""
@@ -132,6 +145,17 @@ def select(op: str, backend: str, device: torch.device, args: tuple = ()) -> str
     raise BackendUnavailableError(f"no backend can run {op} on {device} tensors")  # torch always can
 
 
-def implementation(op: str, backend: str) -> Callable:
-    """The function of a concrete backend (after select) that computes `op`."""
-    return _module(backend).OPS[op]
+def eager_select(op: str, backend: str, device: torch.device, args: tuple = ()) -> str:
+    """`select` when running eagerly, so that an unusable backend fails before any tensor changes;
+    under torch.compile the choice is left to the op's runtime (`implementation`), keeping the
+    traced graph free of this Python logic."""
+    if torch.compiler.is_compiling():
+        if backend not in CHOICES:
+            raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
+        return backend
+    return select(op, backend, device, args)
+
+
+def implementation(op: str, backend: str, device: torch.device, args: tuple = ()) -> Callable:
+    """The function that computes `op` on these arguments, at run time (inside the custom op)."""
+    return _module(select(op, backend, device, args)).OPS[op]

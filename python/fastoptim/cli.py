@@ -22,9 +22,11 @@ def _versions() -> list[tuple[str, str]]:
         triton_version = "not installed"
     cuda = torch.version.cuda or "none (CPU-only torch build)"
     if torch.cuda.is_available():
-        device = f"cuda: {torch.cuda.get_device_name()} (compute capability {'.'.join(map(str, torch.cuda.get_device_capability()))})"
+        capability = ".".join(map(str, torch.cuda.get_device_capability()))
+        device = f"cuda: {torch.cuda.get_device_name()} (compute capability {capability})"
     else:
-        device = f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (no CUDA GPU visible)"
+        cpu = platform.processor() or platform.machine()
+        device = f"cpu: {cpu}, {torch.get_num_threads()} threads (no CUDA GPU visible)"
     return [
         ("fastoptim", fastoptim.__version__),
         ("python", platform.python_version()),

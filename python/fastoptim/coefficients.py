@@ -104,7 +104,9 @@ def resolve(coefficients: str | Sequence[Sequence[float]] | Schedule = "jordan",
         default_steps = len(table)
     elif isinstance(coefficients, str):
         if coefficients not in NAMED:
-            raise ValueError(f"coefficients must be one of {sorted(NAMED)} or a list of (a, b, c), got {coefficients!r}")
+            raise ValueError(
+                f"coefficients must be one of {sorted(NAMED)} or a list of (a, b, c), got {coefficients!r}"
+            )
         table, safety, default_steps = NAMED[coefficients]
     elif isinstance(coefficients, Sequence):
         table = tuple(_as_triple(i, item) for i, item in enumerate(coefficients))

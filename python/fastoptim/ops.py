@@ -22,7 +22,8 @@ from . import backends
 from .coefficients import Schedule, resolve
 
 # --------------------------------------------------------------------------------------------------
-# torch.library custom ops: the backend argument is concrete ("cuda" | "triton" | "torch").
+# torch.library custom ops. `backend` is what the caller chose ("auto" under torch.compile); the
+# implementation resolves it at run time on the actual tensors.
 
 
 @torch.library.custom_op("fastoptim::newton_schulz", mutates_args=())
@@ -30,7 +31,8 @@ def _newton_schulz_op(
     G: Tensor, coefficients: list[float], safety: float, eps: float, compute_dtype: torch.dtype, backend: str
 ) -> Tensor:
     schedule = Schedule.from_flat(coefficients, safety)
-    return backends.implementation("newton_schulz", backend)(G, schedule, eps, compute_dtype).contiguous()
+    args = (G, schedule, eps, compute_dtype)
+    return backends.implementation("newton_schulz", backend, G.device, args)(*args).contiguous()
 
 
 @_newton_schulz_op.register_fake
@@ -40,7 +42,8 @@ def _(G, coefficients, safety, eps, compute_dtype, backend):
 
 @torch.library.custom_op("fastoptim::muon_momentum_", mutates_args=("buf", "nesterov_out"))
 def _muon_momentum_op(buf: Tensor, grad: Tensor, nesterov_out: Tensor | None, beta: float, backend: str) -> None:
-    backends.implementation("muon_momentum_", backend)(buf, grad, nesterov_out, beta)
+    args = (buf, grad, nesterov_out, beta)
+    backends.implementation("muon_momentum_", backend, buf.device, args)(*args)
 
 
 @_muon_momentum_op.register_fake
@@ -52,7 +55,8 @@ def _(buf, grad, nesterov_out, beta, backend):
 def _muon_apply_op(
     param: Tensor, update: Tensor, lr: float, weight_decay: float, scale: float, cautious: bool, backend: str
 ) -> None:
-    backends.implementation("muon_apply_", backend)(param, update, lr, weight_decay, scale, cautious)
+    args = (param, update, lr, weight_decay, scale, cautious)
+    backends.implementation("muon_apply_", backend, param.device, args)(*args)
 
 
 @_muon_apply_op.register_fake
@@ -72,9 +76,8 @@ def _normuon_step_op(
     scale: float,
     backend: str,
 ) -> None:
-    backends.implementation("normuon_step_", backend)(
-        param, update, second_moment, lr, weight_decay, beta2, eps, scale
-    )
+    args = (param, update, second_moment, lr, weight_decay, beta2, eps, scale)
+    backends.implementation("normuon_step_", backend, param.device, args)(*args)
 
 
 @_normuon_step_op.register_fake
@@ -96,9 +99,8 @@ def _sophia_step_op(
     eps: float,
     backend: str,
 ) -> None:
-    backends.implementation("sophia_step_", backend)(
-        params, grads, exp_avgs, hessians, unclipped_out, lr, beta1, rho, weight_decay, eps
-    )
+    args = (params, grads, exp_avgs, hessians, unclipped_out, lr, beta1, rho, weight_decay, eps)
+    backends.implementation("sophia_step_", backend, params[0].device, args)(*args)
 
 
 @_sophia_step_op.register_fake
@@ -108,7 +110,8 @@ def _(params, grads, exp_avgs, hessians, unclipped_out, lr, beta1, rho, weight_d
 
 @torch.library.custom_op("fastoptim::hessian_ema_", mutates_args=("hessians",))
 def _hessian_ema_op(hessians: list[Tensor], estimates: list[Tensor], beta2: float, backend: str) -> None:
-    backends.implementation("hessian_ema_", backend)(hessians, estimates, beta2)
+    args = (hessians, estimates, beta2)
+    backends.implementation("hessian_ema_", backend, hessians[0].device, args)(*args)
 
 
 @_hessian_ema_op.register_fake
@@ -145,7 +148,7 @@ def newton_schulz(
     schedule = resolve(coefficients, steps)
     eps = check.non_negative("eps", eps)
     compute_dtype = check.compute_dtype("compute_dtype", compute_dtype)
-    name = backends.select("newton_schulz", _backend_arg(backend), G.device, (G, schedule, eps, compute_dtype))
+    name = backends.eager_select("newton_schulz", _backend_arg(backend), G.device, (G, schedule, eps, compute_dtype))
     return _newton_schulz_op(G, schedule.flat(), schedule.safety, eps, compute_dtype, name)
 
 
@@ -161,7 +164,7 @@ def muon_momentum_(
     beta = check.beta("beta", beta)
     nesterov = check.boolean("nesterov", nesterov)
     nesterov_out = torch.empty_like(buf, memory_format=torch.contiguous_format) if nesterov else None
-    name = backends.select("muon_momentum_", _backend_arg(backend), buf.device, (buf, grad, nesterov_out, beta))
+    name = backends.eager_select("muon_momentum_", _backend_arg(backend), buf.device, (buf, grad, nesterov_out, beta))
     with torch.no_grad():
         _muon_momentum_op(buf, grad, nesterov_out, beta, name)
     return nesterov_out if nesterov else buf
@@ -190,7 +193,7 @@ def muon_apply_(
     scale = check.real("scale", scale)
     cautious = check.boolean("cautious", cautious)
     args = (param, update, lr, weight_decay, scale, cautious)
-    name = backends.select("muon_apply_", _backend_arg(backend), param.device, args)
+    name = backends.eager_select("muon_apply_", _backend_arg(backend), param.device, args)
     with torch.no_grad():
         _muon_apply_op(*args, name)
 
@@ -222,7 +225,7 @@ def normuon_step_(
     eps = check.positive("eps", eps)
     scale = check.real("scale", scale)
     args = (param, update, second_moment, lr, weight_decay, beta2, eps, scale)
-    name = backends.select("normuon_step_", _backend_arg(backend), param.device, args)
+    name = backends.eager_select("normuon_step_", _backend_arg(backend), param.device, args)
     with torch.no_grad():
         _normuon_step_op(*args, name)
 
@@ -260,7 +263,7 @@ def sophia_step_(
     unclipped_out = torch.zeros((), dtype=torch.float32, device=device) if return_unclipped else None
     if params:
         args = (params, grads, exp_avgs, hessians, unclipped_out, lr, beta1, rho, weight_decay, eps)
-        name = backends.select("sophia_step_", _backend_arg(backend), device, args)
+        name = backends.eager_select("sophia_step_", _backend_arg(backend), device, args)
         with torch.no_grad():
             _sophia_step_op(*args, name)
     else:
@@ -279,7 +282,8 @@ def hessian_ema_(
     if not hessians:
         _backend_arg(backend)
         return
-    name = backends.select("hessian_ema_", _backend_arg(backend), hessians[0].device, (hessians, estimates, beta2))
+    args = (hessians, estimates, beta2)
+    name = backends.eager_select("hessian_ema_", _backend_arg(backend), hessians[0].device, args)
     with torch.no_grad():
         _hessian_ema_op(hessians, estimates, beta2, name)
 
