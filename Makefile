@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastoptim-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*)
 
-.PHONY: demo test install lint clean
+.PHONY: demo test install lint clean bench gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +36,23 @@ lint: install
 
 clean:
 	rm -rf build *.egg-info python/*.egg-info python/fastoptim/_C*.so $(STAMP)
+
+# Benchmarks: every backend beside the plain-PyTorch baseline; small shapes on a CPU-only machine.
+BENCH_OUT ?= bench/results/local
+bench: install
+	mkdir -p $(BENCH_OUT)
+	$(PY) -m pytest bench -q --benchmark-enable --benchmark-json=$(BENCH_OUT)/bench.json
+	$(PY) bench/render.py $(BENCH_OUT)/bench.json -o bench/RESULTS.md
+
+# The one command for a lent GPU machine (no internet; torch, triton, pybind11, ninja and pytest-benchmark
+# installed): build the extension, run the cuda tests, run the benchmarks, write everything to OUT.
+OUT ?= bench/results/gpu
+GPU_PY ?= python
+gpu-check:
+	mkdir -p $(OUT)
+	$(GPU_PY) -m fastoptim info > $(OUT)/info.txt 2>&1 || true
+	FASTOPTIM_CUDA=1 $(GPU_PY) -m pip install --no-build-isolation --no-deps -e . > $(OUT)/build.log 2>&1
+	$(GPU_PY) -m fastoptim info | tee $(OUT)/info.txt
+	$(GPU_PY) -m pytest tests -q -m "cuda or triton" --junitxml=$(OUT)/tests.xml 2>&1 | tee $(OUT)/tests.txt
+	$(GPU_PY) -m pytest bench -q --benchmark-enable --benchmark-json=$(OUT)/bench.json 2>&1 | tee $(OUT)/bench.txt
+	$(GPU_PY) bench/render.py $(OUT)/bench.json -o $(OUT)/RESULTS.md

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import fastoptim
 import pytest
 import torch
+
+import fastoptim
 
 pytestmark = pytest.mark.cuda
 

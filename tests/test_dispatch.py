@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 
-import fastoptim
 import pytest
 import torch
+
+import fastoptim
 from fastoptim import backends, cli, ops
 
 HAS_CUDA = torch.cuda.is_available()
@@ -67,9 +68,8 @@ def test_fastoptim_backend_env_forces_a_backend(monkeypatch):
 
 
 def test_missing_kernel_is_reported(monkeypatch):
-    monkeypatch.setattr(backends, "available", lambda: {
-        name: backends.BackendStatus(name, True, "pretend") for name in backends.NAMES
-    })
+    for name in backends.NAMES:
+        monkeypatch.setitem(backends._STATUS, name, lambda name=name: backends.BackendStatus(name, True, "pretend"))
     with pytest.raises(fastoptim.BackendUnavailableError, match="no normuon_step_ kernel"):
         backends.select("normuon_step_", "cuda", torch.device("cuda"))
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
-import fastoptim
 import pytest
 import torch
+
+import fastoptim
 
 
 def matrices(*shapes, dtype=torch.float32):

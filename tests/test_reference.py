@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 
-import fastoptim
 import pytest
 import torch
+
+import fastoptim
 from fastoptim import coefficients, reference
 
 SCHEDULES = ["jordan", "you", "polar_express"]

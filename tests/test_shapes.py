@@ -6,9 +6,10 @@ tolerance: the ops compute in fp32 whatever they store, so only the rounding of 
 
 from __future__ import annotations
 
-import fastoptim
 import pytest
 import torch
+
+import fastoptim
 
 SHAPES = [(0, 5), (5, 0), (1, 1), (1, 9), (9, 1), (3, 5), (33, 70), (70, 33), (3, 48, 80), (0, 4, 6), (2, 3, 7, 5)]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float64: 1e-12}

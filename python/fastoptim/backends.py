@@ -85,13 +85,16 @@ def _triton_status() -> BackendStatus:
     return BackendStatus("triton", True, f"triton {version} on {torch.cuda.get_device_name()}")
 
 
+def _torch_status() -> BackendStatus:
+    return BackendStatus("torch", True, f"pure PyTorch {torch.__version__}; runs on every device")
+
+
+_STATUS = {"cuda": _cuda_status, "triton": _triton_status, "torch": _torch_status}
+
+
 def available() -> dict[str, BackendStatus]:
     """Each backend's status here: whether it can run, and the reason (why not, or on what)."""
-    return {
-        "cuda": _cuda_status(),
-        "triton": _triton_status(),
-        "torch": BackendStatus("torch", True, f"pure PyTorch {torch.__version__}; runs on every device"),
-    }
+    return {name: status() for name, status in _STATUS.items()}
 
 
 _MODULES = {
@@ -109,7 +112,9 @@ def _module(name: str) -> ModuleType:
 
 
 def _why_not(name: str, op: str, device: torch.device, args: tuple) -> str | None:
-    status = available()[name]
+    if name == "torch":
+        return None  # runs every op on every device
+    status = _STATUS[name]()
     if not status.available:
         return status.reason
     if name == "cuda" and device.type != "cuda":
@@ -120,7 +125,8 @@ def _why_not(name: str, op: str, device: torch.device, args: tuple) -> str | Non
     if op not in module.OPS:
         return f"the {name} backend has no {op} kernel yet"
     supports = getattr(module, "SUPPORTS", {}).get(op)
-    return supports(*args) if supports is not None else None
+    # Without arguments the question is only whether the backend has the op for this device.
+    return supports(*args) if supports is not None and args else None
 
 
 def select(op: str, backend: str, device: torch.device, args: tuple = ()) -> str:

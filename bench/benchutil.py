@@ -1,0 +1,90 @@
+"""Benchmark helpers: device, shapes, timing that is honest on a GPU, and the ceilings.
+
+- GPU timing synchronizes inside the timed call, and inputs rotate through enough copies to exceed
+  the L2 cache (H100: 50 MB), so a kernel cannot be timed on warm cache lines.
+- The ceilings are measured once per session on the same device: a large bf16 matmul (TFLOP/s) and a
+  large device-to-device copy (GB/s); every row reports its fraction of them.
+- On a CPU-only machine every benchmark runs with small shapes (the tables then say "cpu"); in CI
+  they run once each under --benchmark-disable, so the files cannot rot.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+L2_BYTES = 64 * 2**20  # rotate at least this many bytes of inputs (more than an H100/H200's 50 MB L2)
+
+
+def backends_to_compare(op: str) -> list[str]:
+    """Every fastoptim backend that can run `op` on DEVICE (the torch one always)."""
+    from fastoptim import backends
+
+    names = []
+    for name in backends.NAMES:
+        try:
+            backends.select(op, name, DEVICE)
+        except backends.BackendUnavailableError:
+            continue
+        if name == "triton" and not HAS_CUDA:
+            continue  # the interpreter measures numpy, not a kernel
+        names.append(name)
+    return names
+
+
+def synchronize() -> None:
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+
+
+def rotating(make_inputs, bytes_each: int):
+    """An endless cycle over enough independent input sets to exceed the L2 cache."""
+    copies = 1 if not HAS_CUDA else max(1, min(16, -(-L2_BYTES // max(bytes_each, 1))))
+    return itertools.cycle([make_inputs() for _ in range(copies)])
+
+
+def measure_seconds(fn, repeats: int) -> float:
+    fn()
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def record(benchmark, ceilings: dict, *, flops: float | None = None, bytes_moved: float | None = None, **info):
+    """Attach throughput and fraction-of-ceiling to a finished benchmark row."""
+    info["device"] = ceilings["device"]
+    stats = getattr(benchmark, "stats", None)
+    median = stats.stats.median if stats is not None and getattr(stats, "stats", None) else None
+    info["median_s"] = median
+    if median:
+        if flops is not None:
+            info["tflops"] = flops / median / 1e12
+            info["fraction_of_matmul"] = info["tflops"] / ceilings["matmul_tflops"]
+        if bytes_moved is not None:
+            info["gbs"] = bytes_moved / median / 1e9
+            info["fraction_of_copy"] = info["gbs"] / ceilings["copy_gbs"]
+    info["ceiling_matmul_tflops"] = ceilings["matmul_tflops"]
+    info["ceiling_copy_gbs"] = ceilings["copy_gbs"]
+    benchmark.extra_info.update(info)
+
+
+def timed(fn):
+    """The callable pytest-benchmark times: the work, then a device synchronization."""
+
+    def call():
+        out = fn()
+        synchronize()
+        return out
+
+    return call
