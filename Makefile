@@ -29,7 +29,7 @@ demo: install
 	$(PY) -m fastoptim demo
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --benchmark-disable $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check python triton_kernels tests bench setup.py
