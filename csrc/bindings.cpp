@@ -6,6 +6,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <optional>
+#include <vector>
+
 #include "launchers.h"
 
 namespace {
@@ -18,6 +21,8 @@ namespace {
   TORCH_CHECK((x).device() == (y).device(), #x " and " #y " must be on the same device, got ", (x).device(), " and ", (y).device())
 #define CHECK_CUDA_LAUNCH(err) \
   TORCH_CHECK((err) == cudaSuccess, "fastoptim CUDA kernel launch failed: ", cudaGetErrorString(err))
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 fastoptim::DType to_dtype(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
@@ -43,11 +48,134 @@ void muon_apply_(at::Tensor param, const at::Tensor& update, double lr, double w
   const auto param_dtype = to_dtype(param, "param");
   const auto update_dtype = to_dtype(update, "update");
   const c10::cuda::CUDAGuard guard(param.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   CHECK_CUDA_LAUNCH(fastoptim::launch_muon_apply(param.data_ptr(), param_dtype, update.data_ptr(), update_dtype,
                                                  param.numel(), static_cast<float>(lr),
                                                  static_cast<float>(weight_decay), static_cast<float>(scale),
-                                                 cautious, stream));
+                                                 cautious, current_stream()));
+}
+
+void muon_momentum_(at::Tensor buf, const at::Tensor& grad, std::optional<at::Tensor> nesterov_out, double beta) {
+  CHECK_CUDA(buf);
+  CHECK_CUDA(grad);
+  CHECK_SAME_DEVICE(buf, grad);
+  CHECK_CONTIGUOUS(buf);
+  CHECK_CONTIGUOUS(grad);
+  CHECK_SAME_SHAPE(buf, grad);
+  void* out_ptr = nullptr;
+  if (nesterov_out.has_value()) {
+    const at::Tensor& out = *nesterov_out;
+    CHECK_CUDA(out);
+    CHECK_SAME_DEVICE(out, buf);
+    CHECK_CONTIGUOUS(out);
+    CHECK_SAME_SHAPE(out, buf);
+    TORCH_CHECK(out.scalar_type() == buf.scalar_type(), "nesterov_out must have buf's dtype ", buf.scalar_type(),
+                ", got ", out.scalar_type());
+    out_ptr = out.data_ptr();
+  }
+  const c10::cuda::CUDAGuard guard(buf.device());
+  CHECK_CUDA_LAUNCH(fastoptim::launch_muon_momentum(buf.data_ptr(), to_dtype(buf, "buf"), grad.data_ptr(),
+                                                    to_dtype(grad, "grad"), out_ptr, buf.numel(),
+                                                    static_cast<float>(beta), current_stream()));
+}
+
+void normuon_step_(at::Tensor param, const at::Tensor& update, at::Tensor second_moment, double lr,
+                   double weight_decay, double beta2, double eps, double scale) {
+  CHECK_CUDA(param);
+  CHECK_CUDA(update);
+  CHECK_CUDA(second_moment);
+  CHECK_SAME_DEVICE(param, update);
+  CHECK_SAME_DEVICE(param, second_moment);
+  CHECK_CONTIGUOUS(param);
+  CHECK_CONTIGUOUS(update);
+  CHECK_CONTIGUOUS(second_moment);
+  CHECK_SAME_SHAPE(param, update);
+  TORCH_CHECK(param.dim() >= 2, "param must be (..., m, n), got shape ", param.sizes());
+  TORCH_CHECK(second_moment.scalar_type() == at::kFloat, "second_moment must be float32, got ",
+              second_moment.scalar_type());
+  TORCH_CHECK(second_moment.sizes() == param.sizes().slice(0, param.dim() - 1),
+              "second_moment must have shape (..., m) of param ", param.sizes(), ", got ", second_moment.sizes());
+  const int64_t m = param.size(-2);
+  const int64_t n = param.size(-1);
+  const int64_t batch = m == 0 || n == 0 ? 0 : param.numel() / (m * n);
+  const int64_t stacked = m == 0 ? 0 : second_moment.numel() / m;
+  const c10::cuda::CUDAGuard guard(param.device());
+  // Per-matrix sums of O^2 and Ô^2, accumulated by the first pass.
+  at::Tensor norms = at::zeros({2 * stacked}, second_moment.options());
+  CHECK_CUDA_LAUNCH(fastoptim::launch_normuon_step(
+      param.data_ptr(), to_dtype(param, "param"), update.data_ptr(), to_dtype(update, "update"),
+      second_moment.data_ptr<float>(), norms.data_ptr<float>(), n == 0 ? stacked : batch, m, n,
+      static_cast<float>(lr), static_cast<float>(weight_decay), static_cast<float>(beta2), static_cast<float>(eps),
+      static_cast<float>(scale), current_stream()));
+}
+
+// Pointers and sizes of a list of tensors, checked for one device, contiguity and one dtype.
+struct TensorList {
+  std::vector<void*> ptrs;
+  fastoptim::DType dtype = fastoptim::DType::kFloat32;
+};
+
+TensorList list_of(const std::vector<at::Tensor>& tensors, const char* name, const at::Tensor& first,
+                   const std::vector<at::Tensor>* same_shape_as) {
+  TensorList list;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.is_cuda() && t.device() == first.device(), name, "[", i, "] must be on ", first.device(),
+                ", got ", t.device());
+    TORCH_CHECK(t.is_contiguous(), name, "[", i, "] must be contiguous");
+    TORCH_CHECK(t.scalar_type() == tensors[0].scalar_type(), name, " must share one dtype: ", name, "[", i,
+                "] is ", t.scalar_type(), ", ", name, "[0] is ", tensors[0].scalar_type());
+    if (same_shape_as != nullptr) {
+      TORCH_CHECK(t.sizes() == (*same_shape_as)[i].sizes(), name, "[", i, "] must have shape ",
+                  (*same_shape_as)[i].sizes(), ", got ", t.sizes());
+    }
+    list.ptrs.push_back(t.data_ptr());
+  }
+  if (!tensors.empty()) list.dtype = to_dtype(tensors[0], name);
+  return list;
+}
+
+void sophia_step_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                  const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& hessians,
+                  std::optional<at::Tensor> unclipped_count, double lr, double beta1, double rho, double weight_decay,
+                  double eps) {
+  TORCH_CHECK(grads.size() == params.size() && exp_avgs.size() == params.size() && hessians.size() == params.size(),
+              "params, grads, exp_avgs and hessians must have the same length");
+  if (params.empty()) return;
+  const at::Tensor& first = params[0];
+  TensorList p = list_of(params, "params", first, nullptr);
+  TensorList g = list_of(grads, "grads", first, &params);
+  TensorList m = list_of(exp_avgs, "exp_avgs", first, &params);
+  TensorList h = list_of(hessians, "hessians", first, &params);
+  TORCH_CHECK(g.dtype == p.dtype, "grads must have the dtype of params");
+  TORCH_CHECK(h.dtype == m.dtype, "hessians must have the dtype of exp_avgs");
+  unsigned long long* counter = nullptr;
+  if (unclipped_count.has_value()) {
+    CHECK_CUDA(*unclipped_count);
+    TORCH_CHECK(unclipped_count->scalar_type() == at::kLong && unclipped_count->numel() == 1,
+                "unclipped_count must be a one-element int64 tensor");
+    counter = reinterpret_cast<unsigned long long*>(unclipped_count->data_ptr<int64_t>());
+  }
+  std::vector<int64_t> numels;
+  for (const auto& t : params) numels.push_back(t.numel());
+  const c10::cuda::CUDAGuard guard(first.device());
+  CHECK_CUDA_LAUNCH(fastoptim::launch_sophia_step(
+      p.ptrs.data(), p.dtype, g.ptrs.data(), m.ptrs.data(), h.ptrs.data(), m.dtype, numels.data(),
+      static_cast<int64_t>(numels.size()), static_cast<float>(lr), static_cast<float>(beta1), static_cast<float>(rho),
+      static_cast<float>(weight_decay), static_cast<float>(eps), counter, current_stream()));
+}
+
+void hessian_ema_(const std::vector<at::Tensor>& hessians, const std::vector<at::Tensor>& estimates, double beta2) {
+  TORCH_CHECK(estimates.size() == hessians.size(), "hessians and estimates must have the same length");
+  if (hessians.empty()) return;
+  const at::Tensor& first = hessians[0];
+  TensorList h = list_of(hessians, "hessians", first, nullptr);
+  TensorList e = list_of(estimates, "estimates", first, &hessians);
+  std::vector<int64_t> numels;
+  for (const auto& t : hessians) numels.push_back(t.numel());
+  const c10::cuda::CUDAGuard guard(first.device());
+  CHECK_CUDA_LAUNCH(fastoptim::launch_hessian_ema(h.ptrs.data(), h.dtype, e.ptrs.data(), e.dtype, numels.data(),
+                                                  static_cast<int64_t>(numels.size()), static_cast<float>(beta2),
+                                                  current_stream()));
 }
 
 }  // namespace
@@ -57,4 +185,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("muon_apply_", &muon_apply_, "p <- p*(1-lr*wd) [cautious]; p <- p - lr*scale*update (in place)",
         py::arg("param"), py::arg("update"), py::arg("lr"), py::arg("weight_decay"), py::arg("scale"),
         py::arg("cautious"));
+  m.def("muon_momentum_", &muon_momentum_, "buf <- lerp(buf, grad, 1-beta); nesterov_out <- lerp(grad, buf, beta)",
+        py::arg("buf"), py::arg("grad"), py::arg("nesterov_out"), py::arg("beta"));
+  m.def("normuon_step_", &normuon_step_, "NorMuon row normalization and step (in place on param, second_moment)",
+        py::arg("param"), py::arg("update"), py::arg("second_moment"), py::arg("lr"), py::arg("weight_decay"),
+        py::arg("beta2"), py::arg("eps"), py::arg("scale"));
+  m.def("sophia_step_", &sophia_step_, "multi-tensor Sophia step (in place on params, exp_avgs)", py::arg("params"),
+        py::arg("grads"), py::arg("exp_avgs"), py::arg("hessians"), py::arg("unclipped_count"), py::arg("lr"),
+        py::arg("beta1"), py::arg("rho"), py::arg("weight_decay"), py::arg("eps"));
+  m.def("hessian_ema_", &hessian_ema_, "multi-tensor h <- lerp(h, estimate, 1-beta2)", py::arg("hessians"),
+        py::arg("estimates"), py::arg("beta2"));
 }

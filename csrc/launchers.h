@@ -15,3 +15,29 @@ cudaError_t launch_muon_apply(void* param, DType param_dtype, const void* update
                               cudaStream_t stream);
 
 }  // namespace fastoptim
+
+namespace fastoptim {
+
+// buf <- lerp(buf, grad, 1-beta); nesterov_out (nullable, buf's dtype) <- lerp(grad, buf, beta).
+cudaError_t launch_muon_momentum(void* buf, DType buf_dtype, const void* grad, DType grad_dtype, void* nesterov_out,
+                                 int64_t numel, float beta, cudaStream_t stream);
+
+// NorMuon on a contiguous (batch, m, n) stack; second_moment (batch*m) fp32; norms: 2*batch fp32, zeroed.
+cudaError_t launch_normuon_step(void* param, DType param_dtype, const void* update, DType update_dtype,
+                                float* second_moment, float* norms, int64_t batch, int64_t m, int64_t n,
+                                float lr, float weight_decay, float beta2, float eps, float scale,
+                                cudaStream_t stream);
+
+// Sophia over `count` contiguous tensors: params/grads of param_dtype, exp_avgs/hessians of state_dtype.
+// unclipped (nullable): device counter incremented by the number of coordinates with |ratio| < 1.
+cudaError_t launch_sophia_step(void* const* params, DType param_dtype, void* const* grads, void* const* exp_avgs,
+                               void* const* hessians, DType state_dtype, const int64_t* numels, int64_t count,
+                               float lr, float beta1, float rho, float weight_decay, float eps,
+                               unsigned long long* unclipped, cudaStream_t stream);
+
+// h <- lerp(h, estimate, 1-beta2) over `count` contiguous tensors.
+cudaError_t launch_hessian_ema(void* const* hessians, DType hessian_dtype, void* const* estimates,
+                               DType estimate_dtype, const int64_t* numels, int64_t count, float beta2,
+                               cudaStream_t stream);
+
+}  // namespace fastoptim

@@ -45,3 +45,96 @@ def test_cuda_kernel_writes_every_element_of_a_large_stack():
     update = torch.ones_like(param)
     fastoptim.muon_apply_(param, update, 1.0, 0.0, 1.0, backend="cuda")
     assert torch.all(param == -1.0)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("buf_dtype", DTYPES)
+@pytest.mark.parametrize("grad_dtype", DTYPES)
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_muon_momentum_cuda_matches_torch(shape, buf_dtype, grad_dtype, nesterov):
+    buf = torch.randn(shape, device="cuda", dtype=buf_dtype)
+    grad = torch.randn(shape, device="cuda", dtype=grad_dtype)
+    expected_buf = buf.clone()
+    expected = fastoptim.muon_momentum_(expected_buf, grad, 0.9, nesterov, backend="torch")
+    out = fastoptim.muon_momentum_(buf, grad, 0.9, nesterov, backend="cuda")
+    tol = TOLERANCE[buf_dtype]
+    torch.testing.assert_close(buf, expected_buf, rtol=tol, atol=tol)
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+
+
+NORMUON_SHAPES = [(1, 1), (3, 5), (33, 70), (70, 33), (130, 257), (3, 48, 80), (0, 7), (7, 0), (2, 768, 3072)]
+
+
+@pytest.mark.parametrize("shape", NORMUON_SHAPES, ids=str)
+@pytest.mark.parametrize("param_dtype", DTYPES)
+@pytest.mark.parametrize("update_dtype", [torch.float32, torch.bfloat16])
+def test_normuon_step_cuda_matches_torch(shape, param_dtype, update_dtype):
+    param = torch.randn(shape, device="cuda", dtype=param_dtype)
+    update = torch.randn(shape, device="cuda", dtype=update_dtype) * torch.rand(shape[:-1] + (1,), device="cuda")
+    v = torch.rand(shape[:-1], device="cuda")
+    expected_param, expected_v = param.clone(), v.clone()
+    args = (0.02, 0.1, 0.9, 1e-8, 1.3)
+    fastoptim.normuon_step_(expected_param, update, expected_v, *args, backend="torch")
+    fastoptim.normuon_step_(param, update, v, *args, backend="cuda")
+    torch.testing.assert_close(v, expected_v, rtol=1e-5, atol=1e-6)
+    tol = TOLERANCE[param_dtype]
+    torch.testing.assert_close(param, expected_param, rtol=tol, atol=tol)
+
+
+def test_normuon_step_cuda_unaligned_rows_take_the_scalar_path():
+    base = torch.randn(5 * 12 + 1, device="cuda")
+    param = base[1:].view(5, 12)  # 4-byte offset: not 16-byte aligned
+    update = torch.randn(5, 12, device="cuda")
+    v = torch.zeros(5, device="cuda")
+    expected_param, expected_v = param.clone(), v.clone()
+    fastoptim.normuon_step_(expected_param, update, expected_v, 0.1, 0.0, 0.5, 1e-8, 1.0, backend="torch")
+    fastoptim.normuon_step_(param, update, v, 0.1, 0.0, 0.5, 1e-8, 1.0, backend="cuda")
+    torch.testing.assert_close(param, expected_param, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("param_dtype", DTYPES)
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("return_unclipped", [False, True])
+def test_sophia_step_cuda_matches_torch(param_dtype, state_dtype, return_unclipped):
+    # More tensors than one table holds (24) and one tensor larger than a table's blocks (320 x 65536).
+    sizes = [0, 1, 7, 65536, 65537, 300_000] + [1000 + i for i in range(30)] + [320 * 65536 + 5]
+    params = [torch.randn(n, device="cuda", dtype=param_dtype) for n in sizes]
+    grads = [torch.randn(n, device="cuda", dtype=param_dtype) for n in sizes]
+    exp_avgs = [torch.randn(n, device="cuda", dtype=state_dtype) for n in sizes]
+    hessians = [torch.randn(n, device="cuda", dtype=state_dtype).abs() for n in sizes]
+    hessians[2][0] = -1.0
+    copies = [[t.clone() for t in group] for group in (params, grads, exp_avgs, hessians)]
+    args = (0.05, 0.9, 0.5, 0.1, 1e-12, return_unclipped)
+    expected = fastoptim.sophia_step_(*copies, *args, backend="torch")
+    got = fastoptim.sophia_step_(params, grads, exp_avgs, hessians, *args, backend="cuda")
+    for a, b in zip(params + exp_avgs, copies[0] + copies[2]):
+        tol = TOLERANCE[a.dtype]
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    if return_unclipped:
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_sophia_step_cuda_mixed_dtype_lists_are_grouped():
+    params = [torch.randn(100, device="cuda"), torch.randn(50, device="cuda", dtype=torch.bfloat16)]
+    grads = [torch.randn_like(p) for p in params]
+    exp_avgs = [torch.zeros_like(p) for p in params]
+    hessians = [torch.rand_like(p) for p in params]
+    copies = [[t.clone() for t in group] for group in (params, grads, exp_avgs, hessians)]
+    fastoptim.sophia_step_(*copies, 0.1, backend="torch")
+    fastoptim.sophia_step_(params, grads, exp_avgs, hessians, 0.1, backend="cuda")
+    for a, b in zip(params, copies[0]):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("hessian_dtype", DTYPES)
+@pytest.mark.parametrize("estimate_dtype", DTYPES)
+def test_hessian_ema_cuda_matches_torch(hessian_dtype, estimate_dtype):
+    sizes = [0, 3, 65537] + [10] * 30
+    hessians = [torch.rand(n, device="cuda", dtype=hessian_dtype) for n in sizes]
+    estimates = [torch.rand(n, device="cuda", dtype=estimate_dtype) for n in sizes]
+    expected = [h.clone() for h in hessians]
+    fastoptim.hessian_ema_(expected, estimates, 0.99, backend="torch")
+    fastoptim.hessian_ema_(hessians, estimates, 0.99, backend="cuda")
+    for a, b in zip(hessians, expected):
+        tol = TOLERANCE[hessian_dtype]
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)

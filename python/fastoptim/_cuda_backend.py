@@ -4,6 +4,8 @@ dispatch moves on to the next backend for the others."""
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 
 from . import _C
@@ -11,8 +13,10 @@ from . import _C
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _elementwise_support(*tensors: torch.Tensor) -> str | None:
+def _support(*tensors: torch.Tensor | None) -> str | None:
     for t in tensors:
+        if t is None:
+            continue
         if t.dtype not in _KERNEL_DTYPES:
             return f"its kernels take float32, bfloat16 or float16 tensors, got {t.dtype}"
         if not t.is_contiguous():
@@ -20,9 +24,78 @@ def _elementwise_support(*tensors: torch.Tensor) -> str | None:
     return None
 
 
+def _list_support(*lists) -> str | None:
+    for tensors in lists:
+        reason = _support(*tensors)
+        if reason is not None:
+            return reason
+    return None
+
+
 def muon_apply_(param, update, lr, weight_decay, scale, cautious) -> None:
     _C.muon_apply_(param, update, lr, weight_decay, scale, cautious)
 
 
-OPS = {"muon_apply_": muon_apply_}
-SUPPORTS = {"muon_apply_": lambda param, update, *_: _elementwise_support(param, update)}
+def muon_momentum_(buf, grad, nesterov_out, beta) -> None:
+    _C.muon_momentum_(buf, grad, nesterov_out, beta)
+
+
+def normuon_step_(param, update, second_moment, lr, weight_decay, beta2, eps, scale) -> None:
+    _C.normuon_step_(param, update, second_moment, lr, weight_decay, beta2, eps, scale)
+
+
+def _groups(*lists):
+    """Indices of the tensors grouped by their dtype combination: the kernels take one combination a launch."""
+    groups = defaultdict(list)
+    for i, tensors in enumerate(zip(*lists)):
+        groups[tuple(t.dtype for t in tensors)].append(i)
+    return groups.values()
+
+
+def sophia_step_(params, grads, exp_avgs, hessians, unclipped_out, lr, beta1, rho, weight_decay, eps) -> None:
+    counter = None
+    if unclipped_out is not None:
+        counter = torch.zeros(1, dtype=torch.int64, device=params[0].device)
+    # The kernel takes params and grads of one dtype and exp_avgs and hessians of one dtype.
+    for index in _groups(params, grads, exp_avgs, hessians):
+        pick = [[tensors[i] for i in index] for tensors in (params, grads, exp_avgs, hessians)]
+        _C.sophia_step_(*pick, counter, lr, beta1, rho, weight_decay, eps)
+    if unclipped_out is not None:
+        total = sum(p.numel() for p in params)
+        unclipped_out.copy_((counter.to(torch.float64) / max(total, 1)).squeeze(0))
+
+
+def hessian_ema_(hessians, estimates, beta2) -> None:
+    for index in _groups(hessians, estimates):
+        _C.hessian_ema_([hessians[i] for i in index], [estimates[i] for i in index], beta2)
+
+
+def _sophia_support(params, grads, exp_avgs, hessians, *_) -> str | None:
+    reason = _list_support(params, grads, exp_avgs, hessians)
+    if reason is None and any(g.dtype != p.dtype for p, g in zip(params, grads)):
+        return "its Sophia kernel takes grads of the params' dtype"
+    if reason is None and any(h.dtype != m.dtype for m, h in zip(exp_avgs, hessians)):
+        return "its Sophia kernel takes hessians of the exp_avgs' dtype"
+    return reason
+
+
+def _normuon_support(param, update, second_moment, *_) -> str | None:
+    if second_moment.dtype != torch.float32:
+        return f"its NorMuon kernel takes a float32 second_moment, got {second_moment.dtype}"
+    return _support(param, update, second_moment)
+
+
+OPS = {
+    "muon_apply_": muon_apply_,
+    "muon_momentum_": muon_momentum_,
+    "normuon_step_": normuon_step_,
+    "sophia_step_": sophia_step_,
+    "hessian_ema_": hessian_ema_,
+}
+SUPPORTS = {
+    "muon_apply_": lambda param, update, *_: _support(param, update),
+    "muon_momentum_": lambda buf, grad, nesterov_out, beta: _support(buf, grad, nesterov_out),
+    "normuon_step_": _normuon_support,
+    "sophia_step_": _sophia_support,
+    "hessian_ema_": lambda hessians, estimates, beta2: _list_support(hessians, estimates),
+}

@@ -1,0 +1,143 @@
+// normuon_step_: NorMuon's row normalization of an orthogonalized update O (B stacked m x n
+// matrices) and the parameter step, in two passes over O (arXiv:2510.05491; fastoptim.reference).
+//
+// Pass 1, one block per row i of matrix b:
+//   s_i = sum_j O_ij^2;  v_i <- lerp(v_i, s_i / n, 1 - beta2)
+//   norms[b]     += s_i                               (= ||O||_F^2)
+//   norms[B + b] += s_i / (sqrt(v_i) + eps)^2         (= ||Ô||_F^2: no second reduction over O)
+// Pass 2, one block per row:
+//   Ô_ij = O_ij / (sqrt(v_i) + eps) * ||O|| / (||Ô|| + eps)
+//   p_ij <- p_ij (1 - lr wd) - lr scale Ô_ij
+// Bytes per element: O read twice, p read and written once: 2 sizeof(U) + 2 sizeof(P) (+ 8 B per row).
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common.cuh"
+#include "launchers.h"
+
+namespace fastoptim {
+namespace {
+
+template <typename U, bool kPacked>
+__global__ void normuon_row_stats_kernel(const U* __restrict__ update, float* __restrict__ second_moment,
+                                         float* __restrict__ norms, int64_t rows, int64_t m, int64_t n,
+                                         int64_t batch, float beta2, float eps) {
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const U* o = update + row * n;
+    float sum = 0.0f;
+    if (kPacked) {
+      const Pack4<U>* packed = reinterpret_cast<const Pack4<U>*>(o);
+      for (int64_t k = threadIdx.x; k < n / 4; k += blockDim.x) {
+        const Pack4<U> pack = packed[k];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float x = to_float(pack.v[e]);
+          sum += x * x;
+        }
+      }
+    } else {
+      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+        const float x = to_float(o[j]);
+        sum += x * x;
+      }
+    }
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) {
+      const float mean = sum / static_cast<float>(n > 0 ? n : 1);
+      const float v = lerp(second_moment[row], mean, 1.0f - beta2);
+      second_moment[row] = v;
+      const float denom = sqrtf(v) + eps;
+      const int64_t b = row / m;
+      atomicAdd(&norms[b], sum);
+      atomicAdd(&norms[batch + b], sum / (denom * denom));
+    }
+  }
+}
+
+template <typename P, typename U, bool kPacked>
+__global__ void normuon_apply_kernel(P* __restrict__ param, const U* __restrict__ update,
+                                     const float* __restrict__ second_moment, const float* __restrict__ norms,
+                                     int64_t rows, int64_t m, int64_t n, int64_t batch, float decay, float step,
+                                     float eps) {
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const int64_t b = row / m;
+    const float norm_rescale = sqrtf(norms[b]) / (sqrtf(norms[batch + b]) + eps);
+    const float row_scale = 1.0f / (sqrtf(second_moment[row]) + eps);
+    const float keep = 1.0f - decay;
+    P* p = param + row * n;
+    const U* o = update + row * n;
+    if (kPacked) {
+      Pack4<P>* p4 = reinterpret_cast<Pack4<P>*>(p);
+      const Pack4<U>* o4 = reinterpret_cast<const Pack4<U>*>(o);
+      for (int64_t k = threadIdx.x; k < n / 4; k += blockDim.x) {
+        Pack4<P> pp = p4[k];
+        const Pack4<U> oo = o4[k];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float normalized = to_float(oo.v[e]) * row_scale * norm_rescale;
+          pp.v[e] = from_float<P>(to_float(pp.v[e]) * keep - step * normalized);
+        }
+        p4[k] = pp;
+      }
+    } else {
+      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+        const float normalized = to_float(o[j]) * row_scale * norm_rescale;
+        p[j] = from_float<P>(to_float(p[j]) * keep - step * normalized);
+      }
+    }
+  }
+}
+
+int threads_for_row(int64_t n) {
+  // One element (or pack of four) per thread for short rows, 256 threads for long ones.
+  const int64_t work = (n + 3) / 4;
+  if (work <= 64) return 64;
+  if (work <= 128) return 128;
+  return 256;
+}
+
+}  // namespace
+
+cudaError_t launch_normuon_step(void* param, DType param_dtype, const void* update, DType update_dtype,
+                                float* second_moment, float* norms, int64_t batch, int64_t m, int64_t n,
+                                float lr, float weight_decay, float beta2, float eps, float scale,
+                                cudaStream_t stream) {
+  const int64_t rows = batch * m;
+  if (rows == 0) return cudaSuccess;
+  const int threads = threads_for_row(n);
+  const unsigned blocks = static_cast<unsigned>(rows < 65535 * 8 ? rows : 65535 * 8);
+  cudaError_t err = dispatch_dtype(update_dtype, [&](auto u_tag) {
+    using U = decltype(u_tag);
+    const bool packed = n % 4 == 0 && aligned_for_pack4<U>(update);
+    if (packed) {
+      normuon_row_stats_kernel<U, true><<<blocks, threads, 0, stream>>>(
+          static_cast<const U*>(update), second_moment, norms, rows, m, n, batch, beta2, eps);
+    } else {
+      normuon_row_stats_kernel<U, false><<<blocks, threads, 0, stream>>>(
+          static_cast<const U*>(update), second_moment, norms, rows, m, n, batch, beta2, eps);
+    }
+    return cudaGetLastError();
+  });
+  if (err != cudaSuccess || n == 0) return err;
+  return dispatch_dtype(param_dtype, [&](auto p_tag) {
+    using P = decltype(p_tag);
+    return dispatch_dtype(update_dtype, [&](auto u_tag) {
+      using U = decltype(u_tag);
+      const bool packed = n % 4 == 0 && aligned_for_pack4<U>(update) && aligned_for_pack4<P>(param);
+      if (packed) {
+        normuon_apply_kernel<P, U, true><<<blocks, threads, 0, stream>>>(
+            static_cast<P*>(param), static_cast<const U*>(update), second_moment, norms, rows, m, n, batch,
+            lr * weight_decay, lr * scale, eps);
+      } else {
+        normuon_apply_kernel<P, U, false><<<blocks, threads, 0, stream>>>(
+            static_cast<P*>(param), static_cast<const U*>(update), second_moment, norms, rows, m, n, batch,
+            lr * weight_decay, lr * scale, eps);
+      }
+      return cudaGetLastError();
+    });
+  });
+}
+
+}  // namespace fastoptim
