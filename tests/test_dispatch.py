@@ -70,8 +70,8 @@ def test_fastoptim_backend_env_forces_a_backend(monkeypatch):
 def test_missing_kernel_is_reported(monkeypatch):
     for name in backends.NAMES:
         monkeypatch.setitem(backends._STATUS, name, lambda name=name: backends.BackendStatus(name, True, "pretend"))
-    with pytest.raises(fastoptim.BackendUnavailableError, match="no normuon_step_ kernel"):
-        backends.select("normuon_step_", "cuda", torch.device("cuda"))
+    with pytest.raises(fastoptim.BackendUnavailableError, match="no newton_schulz kernel"):
+        backends.select("newton_schulz", "cuda", torch.device("cuda"))
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
