@@ -1,6 +1,190 @@
-"""Triton kernels: newton_schulz (not written yet)."""
+"""Triton kernels: the batched quintic Newton–Schulz iteration of Muon (K. Jordan et al., 2024).
+
+Per matrix of a stack G (..., m, n), as `fastoptim.reference.newton_schulz`:
+
+    X = G / (safety·‖G‖_F + eps)                      in fp32 (fp64 for fp64 G), cast to compute_dtype
+    for each (a, b, c) of the schedule:
+        wide (m <= n): A = X Xᵀ;  B = b A + c A²;  X = a X + B X
+        tall (m > n):  A = XᵀX;   B = b A + c A²;  X = a X + X B
+
+Kernels (in _ns_kernels.py), all batched over the stack with int64 batch offsets:
+1. `_sum_squares_kernel`: partial sums of G² per matrix, P programs per matrix (P large when the stack
+   is too short to fill the GPU, 1 for long stacks). A single kernel per matrix would read a lone
+   8192² matrix with one SM; atomics would make the norm depend on scheduling.
+2. `_scale_cast_kernel`: finishes the sum, and writes X = G / (safety·‖G‖ + eps) in compute_dtype. It
+   reads G a second time; that pass costs O(m·n) bytes against the iteration's O(s²·l) FLOPs.
+3. per iteration, three launches, all with fp32 accumulation:
+   - `_symmetric_product_kernel` for A = X Xᵀ (tall: XᵀX, by strides: no transposed copy): only tiles on or
+     above the diagonal are computed, each stored with its transpose.
+   - `_symmetric_product_kernel` for B = c·A·A + b·A (A·A is symmetric; b·A fused into the epilogue).
+   - `_product_axpy_kernel` for X' = B X + a·X (tall: X B + a·X), a·X fused into the epilogue.
+
+FLOPs per iteration and matrix, with Gram size s = min(m, n) and l = max(m, n):
+    X Xᵀ ≈ s²·l  (half of 2s²l, by symmetry);  A·A ≈ s³  (half of 2s³);  B·X = 2s²·l
+    total ≈ 3s²l + s³, against 4s²l + 2s³ for three plain GEMMs.
+Workspaces, allocated once per call: A and B (s x s each) and two X buffers that alternate.
+"""
 
 from __future__ import annotations
 
-OPS: dict = {}
-SUPPORTS: dict = {}
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..coefficients import Schedule
+from . import _ns_kernels as kernels
+
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# A CUDA grid's second axis holds at most 65535 programs: longer stacks are launched in chunks.
+_MAX_BATCH_PER_LAUNCH = 65535
+# Tile of the two element-wise prologue kernels.
+_BLOCK_R, _BLOCK_C = 32, 128
+# Programs per matrix of the norm reduction aim at this many programs in all (per SM on a GPU).
+_REDUCTION_PROGRAMS_PER_SM = 4
+_REDUCTION_PROGRAMS_INTERPRETER = 8
+_MAX_PARTIALS = 256
+_GROUP_M = 8
+
+
+@dataclass(frozen=True)
+class _Config:
+    block: int  # square tile of the symmetric products; BLOCK_M = BLOCK_N of the update
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Keyed on the Gram size s = min(m, n): (largest s, config for 16-bit compute). fp32 halves BLOCK_K
+# so that num_stages buffers of 128 x BLOCK_K fp32 tiles fit in shared memory.
+_CONFIGS: tuple[tuple[float, _Config], ...] = (
+    (64, _Config(32, 32, 4, 2)),
+    (512, _Config(64, 64, 4, 3)),
+    (float("inf"), _Config(128, 64, 8, 3)),
+)
+
+
+def _config(gram_size: int, compute_dtype: torch.dtype) -> _Config:
+    config = next(config for largest, config in _CONFIGS if gram_size <= largest)
+    if compute_dtype == torch.float32:
+        config = _Config(config.block, max(16, config.block_k // 2), config.num_warps, config.num_stages)
+    return config
+
+
+@functools.cache
+def _target_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _REDUCTION_PROGRAMS_INTERPRETER
+    return _REDUCTION_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _num_partials(batch: int, m: int, n: int, device: torch.device) -> int:
+    per_matrix = triton.cdiv(_target_programs(device), batch)
+    tiles = triton.cdiv(m, _BLOCK_R) * triton.cdiv(n, _BLOCK_C)
+    return min(triton.next_power_of_2(per_matrix), triton.next_power_of_2(tiles), _MAX_PARTIALS)
+
+
+def _launch_chunk(G, partials, x_buffers, gram, schedule, eps, config, upcast) -> None:
+    """The whole iteration for a stack G (batch, m, n) short enough for one grid; step i reads
+    x_buffers[i % 2] and writes the other, so the result lands in x_buffers[steps % 2]."""
+    batch, m, n = G.shape
+    size, tall = min(m, n), m > n
+    acc_dtype = tl.float64 if partials.dtype == torch.float64 else tl.float32
+    num_partials = partials.shape[1]
+    kernels._sum_squares_kernel[(num_partials, batch)](
+        G, partials, m, n, *G.stride(), num_partials,
+        ACC_DTYPE=acc_dtype, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C,
+    )
+    x, x_next = x_buffers
+    tiles = triton.cdiv(m, _BLOCK_R) * triton.cdiv(n, _BLOCK_C)
+    kernels._scale_cast_kernel[(tiles, batch)](
+        G, partials, x, m, n, *G.stride(), x.stride(0), schedule.safety, eps,
+        ACC_DTYPE=acc_dtype, NUM_PARTIALS=num_partials, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C,
+    )
+    A, B = gram
+    gram_tiles = triton.cdiv(size, config.block)
+    triangle = gram_tiles * (gram_tiles + 1) // 2
+    update_tiles = triton.cdiv(m, config.block) * triton.cdiv(n, config.block)
+    launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    blocks = {"UPCAST": upcast, "BLOCK_K": config.block_k}
+    # Gram operands: X Xᵀ reads X's rows twice (P = X, Q = Xᵀ); XᵀX reads its columns (P = Xᵀ, Q = X).
+    gram_strides = (1, n, n, 1) if tall else (n, 1, 1, n)
+    for a, b, c in schedule.triples:
+        kernels._symmetric_product_kernel[(triangle, batch)](
+            x, x, A, A, size, max(m, n), x.stride(0), *gram_strides[:2], x.stride(0), *gram_strides[2:],
+            A.stride(0), 1.0, 0.0, HAS_ADDEND=False, BLOCK=config.block, **blocks, **launch,
+        )
+        # A·A with Q read row-major as A itself (A is symmetric).
+        kernels._symmetric_product_kernel[(triangle, batch)](
+            A, A, A, B, size, size, A.stride(0), size, 1, A.stride(0), size, 1,
+            B.stride(0), c, b, HAS_ADDEND=True, BLOCK=config.block, **blocks, **launch,
+        )
+        left, right = (x, B) if tall else (B, x)
+        kernels._product_axpy_kernel[(update_tiles, batch)](
+            left, right, x, x_next, m, n, size, left.stride(0), left.stride(1), 1, right.stride(0),
+            right.stride(1), 1, x.stride(0), a,
+            BLOCK_M=config.block, BLOCK_N=config.block, GROUP_M=_GROUP_M, **blocks, **launch,
+        )
+        x, x_next = x_next, x
+
+
+def _newton_schulz(
+    G: torch.Tensor,
+    schedule: Schedule,
+    eps: float,
+    compute_dtype: torch.dtype,
+    *,
+    config: _Config | None = None,
+    poison: bool = False,
+) -> torch.Tensor:
+    """The launcher. `config` overrides the block table and `poison` fills every workspace and the
+    output with NaN before the kernels run (tests use both; an element left unwritten then shows)."""
+    shape, device = G.shape, G.device
+    m, n = shape[-2], shape[-1]
+    if G.numel() == 0:
+        return torch.empty(shape, dtype=compute_dtype, device=device)
+    stack = G.reshape(-1, m, n)  # a view for any layout whose leading dims flatten; strides are kept
+    batch, size, steps = stack.shape[0], min(m, n), len(schedule.triples)
+    config = config or _config(size, compute_dtype)
+
+    def workspace(*dims: int, dtype: torch.dtype = compute_dtype) -> torch.Tensor:
+        if poison:
+            return torch.full(dims, float("nan"), dtype=dtype, device=device)
+        return torch.empty(dims, dtype=dtype, device=device)
+
+    acc_dtype = torch.float64 if G.dtype == torch.float64 else torch.float32
+    partials = workspace(batch, _num_partials(batch, m, n, device), dtype=acc_dtype)
+    x_buffers = (workspace(batch, m, n), workspace(batch, m, n) if steps else None)
+    gram = workspace(2, batch, size, size) if steps else workspace(2, 0, 1, 1)
+    upcast = device.type == "cpu" and compute_dtype != torch.float32
+    for start in range(0, batch, _MAX_BATCH_PER_LAUNCH):
+        chunk = slice(start, min(batch, start + _MAX_BATCH_PER_LAUNCH))
+        _launch_chunk(
+            stack[chunk], partials[chunk], tuple(x[chunk] if x is not None else None for x in x_buffers),
+            (gram[0, chunk], gram[1, chunk]), schedule, eps, config, upcast,
+        )
+    return x_buffers[steps % 2].view(shape)
+
+
+def newton_schulz(
+    G: torch.Tensor, schedule: Schedule, eps: float, compute_dtype: torch.dtype
+) -> torch.Tensor:
+    """fastoptim::newton_schulz on the Triton backend: a new contiguous (..., m, n) compute_dtype tensor."""
+    return _newton_schulz(G, schedule, eps, compute_dtype)
+
+
+def _why_not_newton_schulz(
+    G: torch.Tensor, schedule: Schedule, eps: float, compute_dtype: torch.dtype
+) -> str | None:
+    if compute_dtype not in COMPUTE_DTYPES:
+        return f"compute_dtype {compute_dtype} is not supported by tl.dot (float32, bfloat16, float16 are)"
+    if not G.dtype.is_floating_point:
+        return f"G must be a real floating-point tensor, got {G.dtype}"
+    return None
+
+
+OPS = {"newton_schulz": newton_schulz}
+SUPPORTS = {"newton_schulz": _why_not_newton_schulz}

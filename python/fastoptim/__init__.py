@@ -6,14 +6,19 @@ The ops (`fastoptim.ops`, re-exported here) are functional and autograd-free; ea
 
 from __future__ import annotations
 
-from . import backends, coefficients, ops, reference
+from . import backends, coefficients, ops, optim, reference
 from .backends import BackendUnavailableError
 from .ops import hessian_ema_, muon_apply_, muon_momentum_, newton_schulz, normuon_step_, sophia_step_
+from .optim import Muon, NorMuon, SophiaG, SophiaH, param_groups, sophia_sampled_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "Muon",
+    "NorMuon",
+    "SophiaG",
+    "SophiaH",
     "backends",
     "coefficients",
     "hessian_ema_",
@@ -22,6 +27,9 @@ __all__ = [
     "newton_schulz",
     "normuon_step_",
     "ops",
+    "optim",
+    "param_groups",
     "reference",
     "sophia_step_",
+    "sophia_sampled_loss",
 ]

@@ -1,0 +1,88 @@
+"""Muon: momentum, then the orthogonal polar factor of the update by Newton–Schulz.
+
+K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks" (2024),
+https://kellerjordan.github.io/posts/muon/ and github.com/KellerJordan/Muon. Per matrix G:
+
+    buf <- lerp(buf, G, 1 - momentum)                        (momentum as an EMA)
+    U   =  lerp(G, buf, momentum) if nesterov else buf
+    O   =  NewtonSchulz(U)                                   (ns_steps, coefficients, in ns_dtype)
+    p   <- p·(1 - lr·wd)                                     (cautious: only where O·p >= 0)
+    p   <- p - lr·scale(m, n)·O
+
+scale_mode: "original" max(1, m/n)^½ (the reference code), "match_rms_adamw" 0.2·√max(m, n)
+(Moonlight; the update RMS then matches AdamW's so AdamW learning rates carry over), "spectral" √(m/n).
+The defaults reproduce the reference Muon. Vectors, scalars and groups with use_muon=False take
+torch's AdamW step (see `fastoptim.optim._base` for groups, shape buckets and non-finite gradients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..ops import muon_apply_
+from ._base import MatrixOptimizer
+
+
+class Muon(MatrixOptimizer):
+    """Muon for matrices, AdamW for the rest, in one torch.optim.Optimizer.
+
+    Group keys of a matrix group: lr, momentum, nesterov, weight_decay, ns_steps, coefficients,
+    ns_dtype, scale_mode, cautious_weight_decay, backend, split_sizes (optional row blocks
+    orthogonalized separately, e.g. [d, d, d] for a fused QKV weight). State per matrix:
+    ``momentum_buffer``; per AdamW parameter: ``exp_avg``, ``exp_avg_sq``, ``step``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        ns_steps: int = 5,
+        coefficients: str | Sequence[Sequence[float]] = "jordan",
+        ns_dtype: torch.dtype = torch.bfloat16,
+        scale_mode: str = "original",
+        cautious_weight_decay: bool = False,
+        adamw_lr: float = 3e-4,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-10,
+        adamw_weight_decay: float = 0.0,
+        backend: str = "auto",
+        split_sizes: Sequence[int] | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            ns_steps=ns_steps,
+            coefficients=coefficients,
+            ns_dtype=ns_dtype,
+            scale_mode=scale_mode,
+            cautious_weight_decay=cautious_weight_decay,
+            adamw_lr=adamw_lr,
+            adamw_betas=adamw_betas,
+            adamw_eps=adamw_eps,
+            adamw_weight_decay=adamw_weight_decay,
+            backend=backend,
+            split_sizes=split_sizes,
+        )
+        super().__init__(params, defaults)
+
+    def _apply_block(
+        self, group: dict, state: dict, rows: Tensor, update: Tensor, r0: int, r1: int, scale: float
+    ) -> None:
+        muon_apply_(
+            rows,
+            update,
+            group["lr"],
+            group["weight_decay"],
+            scale,
+            group["cautious_weight_decay"],
+            group["backend"],
+        )

@@ -1,0 +1,108 @@
+"""NorMuon: Muon plus a per-row second moment of the orthogonalized update.
+
+Z. Li et al., "NorMuon: Making Muon more efficient and scalable" (arXiv:2510.05491) and its official
+code. Per matrix, after Muon's momentum and Newton–Schulz (O, m x n):
+
+    v <- lerp(v, mean_j(O_ij²), 1 - beta2)        one float32 value per row (``second_moment``, shape (m,))
+    Ô =  O / (√v + eps), rescaled so that ‖Ô‖_F = ‖O‖_F
+    p <- p·(1 - lr·wd);  p <- p - lr·scale(m, n)·Ô
+
+scale_mode="original" (max(1, m/n)^½) reproduces the official code; "match_rms_adamw"
+(0.2·√max(m, n)) is the paper's form, whose update RMS is 0.2. With ``split_sizes`` each row block
+is normalized on its own (the row statistics are per row anyway; the norm is kept per block).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _validation as check
+from ..ops import normuon_step_
+from ._base import MatrixOptimizer
+
+
+class NorMuon(MatrixOptimizer):
+    """NorMuon for matrices, AdamW for the rest. Muon's arguments plus ``beta2`` and ``eps``
+    (the row normalization's). State per matrix: ``momentum_buffer``, ``second_moment``."""
+
+    _float32_state_keys = ("second_moment",)
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        ns_steps: int = 5,
+        coefficients: str | Sequence[Sequence[float]] = "jordan",
+        ns_dtype: torch.dtype = torch.bfloat16,
+        scale_mode: str = "original",
+        cautious_weight_decay: bool = False,
+        adamw_lr: float = 3e-4,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-10,
+        adamw_weight_decay: float = 0.0,
+        backend: str = "auto",
+        split_sizes: Sequence[int] | None = None,
+        beta2: float = 0.95,
+        eps: float = 1e-10,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            ns_steps=ns_steps,
+            coefficients=coefficients,
+            ns_dtype=ns_dtype,
+            scale_mode=scale_mode,
+            cautious_weight_decay=cautious_weight_decay,
+            adamw_lr=adamw_lr,
+            adamw_betas=adamw_betas,
+            adamw_eps=adamw_eps,
+            adamw_weight_decay=adamw_weight_decay,
+            backend=backend,
+            split_sizes=split_sizes,
+            beta2=beta2,
+            eps=eps,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_matrix_hyper(self, group: dict[str, Any], where: str) -> None:
+        super()._validate_matrix_hyper(group, where)
+        check.beta(f"{where}beta2", group["beta2"])
+        check.positive(f"{where}eps", group["eps"])
+        if group["cautious_weight_decay"]:
+            # fastoptim.ops.normuon_step_ fuses the decay into its apply pass and has no cautious mask yet.
+            raise ValueError(
+                f"{where}cautious_weight_decay=True is not supported by NorMuon yet (only by Muon)"
+            )
+
+    def _init_state(self, p: Tensor, state: dict[str, Any], m: int) -> None:
+        super()._init_state(p, state, m)
+        # float32 statistics (float64 for float64 parameters), whatever the parameter dtype.
+        dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        state["second_moment"] = torch.zeros(m, dtype=dtype, device=p.device)
+
+    def _apply_block(
+        self, group: dict, state: dict, rows: Tensor, update: Tensor, r0: int, r1: int, scale: float
+    ) -> None:
+        second_moment = state["second_moment"]
+        if r0 != 0 or r1 != second_moment.shape[0]:
+            second_moment = second_moment[r0:r1]
+        normuon_step_(
+            rows,
+            update,
+            second_moment,
+            group["lr"],
+            group["weight_decay"],
+            group["beta2"],
+            group["eps"],
+            scale,
+            group["backend"],
+        )

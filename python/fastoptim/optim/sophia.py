@@ -1,0 +1,270 @@
+"""Sophia: clipped diagonal-Hessian preconditioning (SophiaG and SophiaH).
+
+H. Liu et al., "Sophia: A Scalable Stochastic Second-order Optimizer for Language Model
+Pre-training" (arXiv:2305.14342), Algorithm 3, and the official code (github.com/Liuhong99/Sophia).
+Per parameter, every step:
+
+    p <- p·(1 - lr·wd)
+    m <- lerp(m, g, 1 - beta1)                                       (``exp_avg``)
+    p <- p - lr·clip(m / max(rho·h, eps), -1, 1)                     (fastoptim.ops.sophia_step_)
+
+and, every k steps, the Hessian EMA h <- beta2·h + (1 - beta2)·ĥ (``hessian``):
+
+- SophiaG (Gauss–Newton–Bartlett): ĥ = g ⊙ g for the gradient g of the loss on labels sampled from
+  the model's own softmax (`sophia_sampled_loss`). The official code scales rho by the batch size in
+  tokens, ``bs``; SophiaG does the same (rho·bs is what reaches the op), so its update equals the
+  official ``sign(m)·min(|m| / (rho·bs·h + 1e-15), 1)`` up to the rounding of the eps term.
+- SophiaH (Hutchinson): ĥ = u ⊙ (H u) for a Rademacher u, from one Hessian-vector product.
+
+The steps take no host synchronization and do not look at tensor values: a non-finite gradient
+makes only its own parameter (and its state) non-finite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _validation as check
+from ..ops import hessian_ema_, sophia_step_
+from ._base import check_backend, check_betas, check_grads, check_params, check_positive_int
+
+
+def _by_device(items: list[tuple[Tensor, ...]]) -> dict[torch.device, list[tuple[Tensor, ...]]]:
+    out: dict[torch.device, list[tuple[Tensor, ...]]] = {}
+    for item in items:
+        out.setdefault(item[0].device, []).append(item)
+    return out
+
+
+class _Sophia(torch.optim.Optimizer):
+    """Shared by SophiaG and SophiaH: validation, state, the clipped step."""
+
+    def _validate_group(self, group: dict[str, Any], where: str = "") -> None:
+        check.non_negative(f"{where}lr", group["lr"])
+        check_betas(f"{where}betas", group["betas"])
+        check.positive(f"{where}rho", group["rho"])
+        check.non_negative(f"{where}weight_decay", group["weight_decay"])
+        check.positive(f"{where}eps", group["eps"])
+        check_backend(group["backend"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else params
+        if not isinstance(params, set):
+            params = list(params)
+            param_group = {**param_group, "params": params}
+            plain = [p[1] if isinstance(p, tuple) else p for p in params]
+            check_params("params", plain)
+            self._validate_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    def _state(self, p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if "hessian" not in state:
+            state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _clipped_step(self, group: dict[str, Any], rho: float) -> None:
+        items = []
+        for p in group["params"]:
+            if p.grad is not None:
+                state = self._state(p)
+                items.append((p, p.grad, state["exp_avg"], state["hessian"]))
+        beta1, _ = group["betas"]
+        for batch in _by_device(items).values():
+            params, grads, exp_avgs, hessians = (list(x) for x in zip(*batch))
+            sophia_step_(
+                params,
+                grads,
+                exp_avgs,
+                hessians,
+                lr=group["lr"],
+                beta1=beta1,
+                rho=rho,
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                backend=group["backend"],
+            )
+
+
+class SophiaG(_Sophia):
+    """Sophia with the Gauss–Newton–Bartlett estimator, as in the official SophiaG.
+
+    Loop (as the official training script does it, every k = 10 steps for the Hessian)::
+
+        loss = model_loss(x, y); loss.backward(); opt.step(); opt.zero_grad()
+        if it % k == k - 1:
+            logits = model(x)
+            fastoptim.sophia_sampled_loss(logits).backward()
+            opt.update_hessian(); opt.zero_grad()
+
+    ``bs`` (tokens per batch, the official code's scaling of rho) is a group key; ``step(bs=...)``
+    overrides it for one step. State per parameter: ``exp_avg``, ``hessian``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.965, 0.99),
+        rho: float = 0.04,
+        weight_decay: float = 0.1,
+        eps: float = 1e-15,
+        bs: int = 5120,
+        backend: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps, bs=bs, backend=backend
+        )
+        self._validate_group(defaults)
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any], where: str = "") -> None:
+        super()._validate_group(group, where)
+        check.positive(f"{where}bs", group["bs"])
+
+    @torch.no_grad()
+    def update_hessian(self) -> None:
+        """h <- beta2·h + (1 - beta2)·g⊙g from the current gradients (those of the sampled-label loss).
+
+        Two foreach passes over h (scale, then fused multiply-add of g with itself): the same
+        arithmetic as the official code, bit for bit, and no g⊙g tensor is materialized.
+        """
+        check_grads(self.param_groups)
+        for group in self.param_groups:
+            _, beta2 = group["betas"]
+            items = [(self._state(p)["hessian"], p.grad) for p in group["params"] if p.grad is not None]
+            for batch in _by_device(items).values():
+                hessians, grads = (list(x) for x in zip(*batch))
+                torch._foreach_mul_(hessians, beta2)
+                torch._foreach_addcmul_(hessians, grads, grads, value=1.0 - beta2)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, bs: int | None = None) -> Any:
+        """One Sophia step from the current gradients; closure (optional) recomputes the loss and
+        gradients first. bs overrides the groups' ``bs`` for this step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if bs is not None:
+            check.positive("bs", bs)
+        for group in self.param_groups:
+            self._validate_group(group)
+        check_grads(self.param_groups)
+        for group in self.param_groups:
+            self._clipped_step(group, group["rho"] * (group["bs"] if bs is None else bs))
+        return loss
+
+
+class SophiaH(_Sophia):
+    """Sophia with the Hutchinson estimator ĥ = u ⊙ (H u), u Rademacher (±1), refreshed every
+    ``update_period`` steps.
+
+    ``step(closure)``: the closure computes and returns the loss (with its autograd graph) and must
+    not call ``backward()``. The optimizer takes the gradients itself with ``torch.autograd.grad`` —
+    with ``create_graph=True`` on steps where a group's refresh is due (its ``hessian_step`` counter
+    is a multiple of its ``update_period``, so the first step refreshes) — writes them into
+    ``p.grad`` (replacing what was there), then on those steps computes one Hessian-vector product
+    per refresh, folds u ⊙ (H u) into ``hessian`` with ``hessian_ema_``, and takes the clipped step.
+    u is drawn from the global RNG of the parameter's device (seed with torch.manual_seed).
+
+    ``step()`` without a closure takes the clipped step from the existing ``p.grad`` and the
+    current Hessian estimate, refreshing nothing (the counter still advances).
+
+    A Hutchinson estimate can be negative; max(rho·h, eps) then turns that coordinate's step into
+    a clipped sign step, as in the paper. State per parameter: ``exp_avg``, ``hessian``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.965, 0.99),
+        rho: float = 0.04,
+        weight_decay: float = 0.1,
+        eps: float = 1e-15,
+        update_period: int = 10,
+        backend: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            rho=rho,
+            weight_decay=weight_decay,
+            eps=eps,
+            update_period=update_period,
+            hessian_step=0,
+            backend=backend,
+        )
+        self._validate_group(defaults)
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any], where: str = "") -> None:
+        super()._validate_group(group, where)
+        check_positive_int(f"{where}update_period", group["update_period"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        param_group = {**param_group, "hessian_step": 0}  # a new group refreshes on its first step
+        super().add_param_group(param_group)
+
+    def _refresh_hessian(self, due: list[dict[str, Any]], graph_grads: dict[Tensor, Tensor]) -> None:
+        pairs = [(p, graph_grads[p]) for group in due for p in group["params"] if p in graph_grads]
+        differentiable = [(p, g) for p, g in pairs if g.requires_grad]
+        probes = [torch.randint_like(p, 2).mul_(2).sub_(1) for p, _ in differentiable]
+        hvps: tuple = ()
+        if differentiable:
+            hvps = torch.autograd.grad(
+                [g for _, g in differentiable],
+                [p for p, _ in differentiable],
+                grad_outputs=probes,
+                allow_unused=True,
+            )
+        estimates = {
+            p: (torch.zeros_like(p) if hv is None else hv.mul_(u))
+            for (p, _), u, hv in zip(differentiable, probes, hvps)
+        }
+        for group in due:
+            _, beta2 = group["betas"]
+            items = []
+            for p in group["params"]:
+                if p in graph_grads:
+                    # A gradient that does not depend on the parameters (a linear term) has H = 0 there.
+                    items.append((self._state(p)["hessian"], estimates.get(p, torch.zeros_like(p))))
+            for batch in _by_device(items).values():
+                hessians, ests = (list(x) for x in zip(*batch))
+                hessian_ema_(hessians, ests, beta2, backend=group["backend"])
+
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Any:
+        """See the class docstring. Returns the closure's loss (or None)."""
+        for group in self.param_groups:
+            self._validate_group(group)
+        loss = None
+        due = [g for g in self.param_groups if g["hessian_step"] % g["update_period"] == 0]
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+                params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+                grads = torch.autograd.grad(loss, params, create_graph=bool(due), allow_unused=True)
+            graph_grads = {p: g for p, g in zip(params, grads) if g is not None}
+            for p, g in zip(params, grads):
+                p.grad = None if g is None else g.detach()
+            check_grads(self.param_groups)
+            if due:
+                self._refresh_hessian(due, graph_grads)
+            del graph_grads, grads
+        else:
+            check_grads(self.param_groups)
+        with torch.no_grad():
+            for group in self.param_groups:
+                self._clipped_step(group, group["rho"])
+                group["hessian_step"] += 1
+        return loss

@@ -1,0 +1,171 @@
+"""Triton kernels of the Newton–Schulz iteration; the launcher and the FLOP counts are in newton_schulz.py.
+
+Every kernel takes pointers plus explicit strides, runs one matrix of the stack per program_id(1) and
+forms its batch and row offsets in int64 (`_batch_offset`, `_row_offset`): a stack such as
+320 x 2560 x 3072 puts batch offsets past 2^31 elements. Products accumulate in fp32.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _batch_offset(batch, batch_stride):
+    """Element offset of matrix `batch` of a stack, in int64 whatever the width of its operands."""
+    return batch.to(tl.int64) * batch_stride
+
+
+@triton.jit
+def _row_offset(index, stride):
+    """Element offsets index * stride in int64 (a single matrix can hold more than 2^31 elements)."""
+    return index.to(tl.int64) * stride
+
+
+@triton.jit
+def _sum_squares_kernel(
+    g_ptr, partial_ptr, m, n, stride_gb, stride_gm, stride_gn, num_partials,
+    ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """partial[b, p] = sum of G[b]² over the tiles p, p + P, p + 2P, ... of matrix b (P = num_partials).
+
+    Several programs per matrix keep a lone large matrix from being read by a single SM; the partial
+    sums are finished in the scale kernel, so the result does not depend on atomics' order.
+    """
+    part = tl.program_id(0)
+    batch = tl.program_id(1)
+    g_ptr += _batch_offset(batch, stride_gb)
+    tiles_c = tl.cdiv(n, BLOCK_C)
+    num_tiles = tl.cdiv(m, BLOCK_R) * tiles_c
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC_DTYPE)
+    for tile in range(part, num_tiles, num_partials):
+        rows = (tile // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = (tile % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows[:, None] < m) & (cols[None, :] < n)
+        ptrs = g_ptr + _row_offset(rows, stride_gm)[:, None] + _row_offset(cols, stride_gn)[None, :]
+        x = tl.load(ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
+        acc += x * x
+    tl.store(partial_ptr + _batch_offset(batch, num_partials) + part, tl.sum(acc))
+
+
+@triton.jit
+def _scale_cast_kernel(
+    g_ptr, partial_ptr, x_ptr, m, n, stride_gb, stride_gm, stride_gn, stride_xb, safety, eps,
+    ACC_DTYPE: tl.constexpr, NUM_PARTIALS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """X[b] = G[b] / (safety·‖G[b]‖_F + eps), computed in ACC_DTYPE, stored in X's dtype (m x n rows)."""
+    tile = tl.program_id(0)
+    batch = tl.program_id(1)
+    partials = tl.load(partial_ptr + _batch_offset(batch, NUM_PARTIALS) + tl.arange(0, NUM_PARTIALS))
+    denominator = tl.sqrt(tl.sum(partials)) * safety + eps
+    tiles_c = tl.cdiv(n, BLOCK_C)
+    rows = (tile // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (tile % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < m) & (cols[None, :] < n)
+    g_ptrs = g_ptr + _batch_offset(batch, stride_gb) + _row_offset(rows, stride_gm)[:, None]
+    g = tl.load(g_ptrs + _row_offset(cols, stride_gn)[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+    x = (g / denominator).to(x_ptr.dtype.element_ty)
+    x_ptrs = x_ptr + _batch_offset(batch, stride_xb) + _row_offset(rows, n)[:, None] + cols[None, :]
+    tl.store(x_ptrs, x, mask=mask)
+
+
+@triton.jit
+def _tile_product(
+    p_ptr, q_ptr, rows, cols, num_rows, num_cols, K, stride_pi, stride_pk, stride_qk, stride_qj,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """(P Q)[rows, cols] in fp32, P[i, k] at p_ptr + i·stride_pi + k·stride_pk, Q[k, j] likewise.
+
+    UPCAST converts 16-bit tiles to fp32 before tl.dot: the interpreter's bf16 dot is wrong, and the
+    fp32 dot of bf16 values is what the GPU's bf16 dot with fp32 accumulation computes. "ieee" keeps
+    fp32 operands out of TF32, as torch's fp32 matmul does by default (16-bit operands ignore it).
+    """
+    ks = tl.arange(0, BLOCK_K)
+    p_rows = p_ptr + _row_offset(rows, stride_pi)[:, None]
+    q_cols = q_ptr + _row_offset(cols, stride_qj)[None, :]
+    row_mask = rows[:, None] < num_rows
+    col_mask = cols[None, :] < num_cols
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        k_mask = k < K
+        p = tl.load(p_rows + _row_offset(k, stride_pk)[None, :], mask=row_mask & k_mask[None, :], other=0.0)
+        q = tl.load(q_cols + _row_offset(k, stride_qk)[:, None], mask=k_mask[:, None] & col_mask, other=0.0)
+        if UPCAST:
+            p = p.to(tl.float32)
+            q = q.to(tl.float32)
+        acc = tl.dot(p, q, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _symmetric_product_kernel(
+    p_ptr, q_ptr, addend_ptr, out_ptr, size, K,
+    stride_pb, stride_pi, stride_pk, stride_qb, stride_qk, stride_qj, stride_ob, alpha, beta,
+    HAS_ADDEND: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """OUT = alpha·(P Q) + beta·ADDEND for a product P Q known to be symmetric (size x size).
+
+    One program per tile on or above the diagonal (program_id(0) enumerates the upper triangle of
+    the tile grid); it writes its tile and the transpose, so half the tiles' products are computed.
+    On a diagonal tile the upper half (diagonal included) is written by the tile and the strict lower
+    half by the transpose, so no element is written twice. OUT and ADDEND are contiguous stacks.
+    """
+    tile = tl.program_id(0)
+    batch = tl.program_id(1)
+    # tile = hi·(hi + 1)/2 + lo with lo <= hi; the float root can be off by one, so correct it.
+    hi = ((tl.sqrt(8.0 * tile + 1.0) - 1.0) * 0.5).to(tl.int32)
+    hi = tl.where((hi + 1) * (hi + 2) // 2 <= tile, hi + 1, hi)
+    hi = tl.where(hi * (hi + 1) // 2 > tile, hi - 1, hi)
+    lo = tile - hi * (hi + 1) // 2
+    rows = lo * BLOCK + tl.arange(0, BLOCK)
+    cols = hi * BLOCK + tl.arange(0, BLOCK)
+    acc = _tile_product(
+        p_ptr + _batch_offset(batch, stride_pb), q_ptr + _batch_offset(batch, stride_qb),
+        rows, cols, size, size, K, stride_pi, stride_pk, stride_qk, stride_qj,
+        UPCAST, BLOCK, BLOCK, BLOCK_K,
+    )
+    acc = acc * alpha
+    in_range = (rows[:, None] < size) & (cols[None, :] < size)
+    matrix = _batch_offset(batch, stride_ob)
+    tile_offsets = matrix + _row_offset(rows, size)[:, None] + cols[None, :]
+    if HAS_ADDEND:
+        acc += beta * tl.load(addend_ptr + tile_offsets, mask=in_range, other=0.0).to(tl.float32)
+    result = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + tile_offsets, result, mask=in_range & (rows[:, None] <= cols[None, :]))
+    mirror_offsets = matrix + _row_offset(cols, size)[:, None] + rows[None, :]
+    mirror_mask = (cols[:, None] < size) & (rows[None, :] < size) & (cols[:, None] > rows[None, :])
+    tl.store(out_ptr + mirror_offsets, tl.trans(result), mask=mirror_mask)
+
+
+@triton.jit
+def _product_axpy_kernel(
+    p_ptr, q_ptr, x_ptr, out_ptr, M, N, K,
+    stride_pb, stride_pi, stride_pk, stride_qb, stride_qk, stride_qj, stride_xb, alpha,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """OUT = P Q + alpha·X (M x N; X and OUT contiguous stacks). Tiles are visited in groups of
+    GROUP_M tile rows so that the programs running together share their P and Q tiles in L2."""
+    pid = tl.program_id(0)
+    batch = tl.program_id(1)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    group_width = GROUP_M * tiles_n
+    first_m = (pid // group_width) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_width) % group_rows
+    pid_n = (pid % group_width) // group_rows
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _tile_product(
+        p_ptr + _batch_offset(batch, stride_pb), q_ptr + _batch_offset(batch, stride_qb),
+        rows, cols, M, N, K, stride_pi, stride_pk, stride_qk, stride_qj,
+        UPCAST, BLOCK_M, BLOCK_N, BLOCK_K,
+    )
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    offsets = _batch_offset(batch, stride_xb) + _row_offset(rows, N)[:, None] + cols[None, :]
+    acc += alpha * tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
