@@ -163,5 +163,14 @@ def eager_select(op: str, backend: str, device: torch.device, args: tuple = ()) 
 
 
 def implementation(op: str, backend: str, device: torch.device, args: tuple = ()) -> Callable:
-    """The function that computes `op` on these arguments, at run time (inside the custom op)."""
-    return _module(select(op, backend, device, args)).OPS[op]
+    """The function that computes `op` on these arguments, at run time (inside the custom op).
+
+    "auto" (what a compiled graph carries) is resolved here on the actual arguments. A concrete
+    backend was already checked against the arguments by `eager_select`; only its availability is
+    checked again, so per-tensor predicates (a loop over a Sophia list) do not run twice a call."""
+    if backend == "auto":
+        return _module(select(op, backend, device, args)).OPS[op]
+    reason = _why_not(backend, op, device, ())
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {backend!r} cannot run {op} here: {reason}")
+    return _module(backend).OPS[op]
