@@ -79,7 +79,7 @@ void muon_momentum_(at::Tensor buf, const at::Tensor& grad, std::optional<at::Te
 }
 
 void normuon_step_(at::Tensor param, const at::Tensor& update, at::Tensor second_moment, double lr,
-                   double weight_decay, double beta2, double eps, double scale) {
+                   double weight_decay, double beta2, double eps, double scale, bool cautious) {
   CHECK_CUDA(param);
   CHECK_CUDA(update);
   CHECK_CUDA(second_moment);
@@ -105,7 +105,7 @@ void normuon_step_(at::Tensor param, const at::Tensor& update, at::Tensor second
       param.data_ptr(), to_dtype(param, "param"), update.data_ptr(), to_dtype(update, "update"),
       second_moment.data_ptr<float>(), norms.data_ptr<float>(), n == 0 ? stacked : batch, m, n,
       static_cast<float>(lr), static_cast<float>(weight_decay), static_cast<float>(beta2), static_cast<float>(eps),
-      static_cast<float>(scale), current_stream()));
+      static_cast<float>(scale), cautious, current_stream()));
 }
 
 // Pointers and sizes of a list of tensors, checked for one device, contiguity and one dtype.
@@ -189,7 +189,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("buf"), py::arg("grad"), py::arg("nesterov_out"), py::arg("beta"));
   m.def("normuon_step_", &normuon_step_, "NorMuon row normalization and step (in place on param, second_moment)",
         py::arg("param"), py::arg("update"), py::arg("second_moment"), py::arg("lr"), py::arg("weight_decay"),
-        py::arg("beta2"), py::arg("eps"), py::arg("scale"));
+        py::arg("beta2"), py::arg("eps"), py::arg("scale"), py::arg("cautious"));
   m.def("sophia_step_", &sophia_step_, "multi-tensor Sophia step (in place on params, exp_avgs)", py::arg("params"),
         py::arg("grads"), py::arg("exp_avgs"), py::arg("hessians"), py::arg("unclipped_count"), py::arg("lr"),
         py::arg("beta1"), py::arg("rho"), py::arg("weight_decay"), py::arg("eps"));

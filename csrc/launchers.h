@@ -25,7 +25,7 @@ cudaError_t launch_muon_momentum(void* buf, DType buf_dtype, const void* grad, D
 // NorMuon on a contiguous (batch, m, n) stack; second_moment (batch*m) fp32; norms: 2*batch fp32, zeroed.
 cudaError_t launch_normuon_step(void* param, DType param_dtype, const void* update, DType update_dtype,
                                 float* second_moment, float* norms, int64_t batch, int64_t m, int64_t n,
-                                float lr, float weight_decay, float beta2, float eps, float scale,
+                                float lr, float weight_decay, float beta2, float eps, float scale, bool cautious,
                                 cudaStream_t stream);
 
 // Sophia over `count` contiguous tensors: params/grads of param_dtype, exp_avgs/hessians of state_dtype.

@@ -7,7 +7,7 @@
 //   norms[B + b] += s_i / (sqrt(v_i) + eps)^2         (= ||Ô||_F^2: no second reduction over O)
 // Pass 2, one block per row:
 //   Ô_ij = O_ij / (sqrt(v_i) + eps) * ||O|| / (||Ô|| + eps)
-//   p_ij <- p_ij (1 - lr wd) - lr scale Ô_ij
+//   p_ij <- p_ij (1 - lr wd) - lr scale Ô_ij       (cautious: decay only where Ô_ij p_ij >= 0)
 // Bytes per element: O read twice, p read and written once: 2 sizeof(U) + 2 sizeof(P) (+ 8 B per row).
 
 #include <cuda_runtime.h>
@@ -60,7 +60,7 @@ template <typename P, typename U, bool kPacked>
 __global__ void normuon_apply_kernel(P* __restrict__ param, const U* __restrict__ update,
                                      const float* __restrict__ second_moment, const float* __restrict__ norms,
                                      int64_t rows, int64_t m, int64_t n, int64_t batch, float decay, float step,
-                                     float eps) {
+                                     float eps, bool cautious) {
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t b = row / m;
     const float norm_rescale = sqrtf(norms[b]) / (sqrtf(norms[batch + b]) + eps);
@@ -77,14 +77,18 @@ __global__ void normuon_apply_kernel(P* __restrict__ param, const U* __restrict_
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const float normalized = to_float(oo.v[e]) * row_scale * norm_rescale;
-          pp.v[e] = from_float<P>(to_float(pp.v[e]) * keep - step * normalized);
+          const float pv = to_float(pp.v[e]);
+          const float decayed = (!cautious || normalized * pv >= 0.0f) ? pv * keep : pv;
+          pp.v[e] = from_float<P>(decayed - step * normalized);
         }
         p4[k] = pp;
       }
     } else {
       for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
         const float normalized = to_float(o[j]) * row_scale * norm_rescale;
-        p[j] = from_float<P>(to_float(p[j]) * keep - step * normalized);
+        const float pv = to_float(p[j]);
+        const float decayed = (!cautious || normalized * pv >= 0.0f) ? pv * keep : pv;
+        p[j] = from_float<P>(decayed - step * normalized);
       }
     }
   }
@@ -102,7 +106,7 @@ int threads_for_row(int64_t n) {
 
 cudaError_t launch_normuon_step(void* param, DType param_dtype, const void* update, DType update_dtype,
                                 float* second_moment, float* norms, int64_t batch, int64_t m, int64_t n,
-                                float lr, float weight_decay, float beta2, float eps, float scale,
+                                float lr, float weight_decay, float beta2, float eps, float scale, bool cautious,
                                 cudaStream_t stream) {
   const int64_t rows = batch * m;
   if (rows == 0) return cudaSuccess;
@@ -129,11 +133,11 @@ cudaError_t launch_normuon_step(void* param, DType param_dtype, const void* upda
       if (packed) {
         normuon_apply_kernel<P, U, true><<<blocks, threads, 0, stream>>>(
             static_cast<P*>(param), static_cast<const U*>(update), second_moment, norms, rows, m, n, batch,
-            lr * weight_decay, lr * scale, eps);
+            lr * weight_decay, lr * scale, eps, cautious);
       } else {
         normuon_apply_kernel<P, U, false><<<blocks, threads, 0, stream>>>(
             static_cast<P*>(param), static_cast<const U*>(update), second_moment, norms, rows, m, n, batch,
-            lr * weight_decay, lr * scale, eps);
+            lr * weight_decay, lr * scale, eps, cautious);
       }
       return cudaGetLastError();
     });

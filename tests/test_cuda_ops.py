@@ -68,12 +68,13 @@ NORMUON_SHAPES = [(1, 1), (3, 5), (33, 70), (70, 33), (130, 257), (3, 48, 80), (
 @pytest.mark.parametrize("shape", NORMUON_SHAPES, ids=str)
 @pytest.mark.parametrize("param_dtype", DTYPES)
 @pytest.mark.parametrize("update_dtype", [torch.float32, torch.bfloat16])
-def test_normuon_step_cuda_matches_torch(shape, param_dtype, update_dtype):
+@pytest.mark.parametrize("cautious", [False, True])
+def test_normuon_step_cuda_matches_torch(shape, param_dtype, update_dtype, cautious):
     param = torch.randn(shape, device="cuda", dtype=param_dtype)
     update = torch.randn(shape, device="cuda", dtype=update_dtype) * torch.rand(shape[:-1] + (1,), device="cuda")
     v = torch.rand(shape[:-1], device="cuda")
     expected_param, expected_v = param.clone(), v.clone()
-    args = (0.02, 0.1, 0.9, 1e-8, 1.3)
+    args = (0.02, 0.1, 0.9, 1e-8, 1.3, cautious)
     fastoptim.normuon_step_(expected_param, update, expected_v, *args, backend="torch")
     fastoptim.normuon_step_(param, update, v, *args, backend="cuda")
     torch.testing.assert_close(v, expected_v, rtol=1e-5, atol=1e-6)

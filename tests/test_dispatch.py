@@ -96,7 +96,7 @@ def opcheck_cases():
         (ops._muon_momentum_op, (torch.randn(4, 6), torch.randn(4, 6), torch.empty(4, 6), 0.9, "torch")),
         (ops._muon_momentum_op, (torch.randn(4, 6), torch.randn(4, 6), None, 0.9, "torch")),
         (ops._muon_apply_op, (p.clone(), u, 0.1, 0.01, 2.0, True, "torch")),
-        (ops._normuon_step_op, (p.clone(), u, torch.rand(2, 4), 0.1, 0.01, 0.95, 1e-8, 1.0, "torch")),
+        (ops._normuon_step_op, (p.clone(), u, torch.rand(2, 4), 0.1, 0.01, 0.95, 1e-8, 1.0, True, "torch")),
         (ops._sophia_step_op, ([t.clone() for t in lists], [torch.randn_like(t) for t in lists],
                                [torch.randn_like(t) for t in lists], [torch.rand_like(t) for t in lists],
                                torch.zeros(()), 0.1, 0.9, 0.04, 0.1, 1e-15, "torch")),

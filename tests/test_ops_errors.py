@@ -97,6 +97,7 @@ CASES = [
     ("normuon_step_", {"beta2": 1.5}, ValueError, "beta2"),
     ("normuon_step_", {"eps": 0.0}, ValueError, "eps"),
     ("normuon_step_", {"lr": NAN}, ValueError, "lr"),
+    ("normuon_step_", {"cautious": None}, TypeError, "cautious"),
     ("sophia_step_", {"grads": [torch.randn(3, 2)]}, ValueError, "grads"),
     ("sophia_step_", {"hessians": [torch.rand(3, 2), torch.rand(4)]}, ValueError, "hessians[1]"),
     ("sophia_step_", {"exp_avgs": [torch.randn(3, 2), torch.randn(5, dtype=torch.complex64)]}, TypeError,

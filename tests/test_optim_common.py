@@ -195,7 +195,6 @@ BAD_CONSTRUCTION = [
     (Muon, {"split_sizes": [2, 2]}, ValueError, "split_sizes"),
     (NorMuon, {"beta2": -0.1}, ValueError, "beta2"),
     (NorMuon, {"eps": 0.0}, ValueError, "eps"),
-    (NorMuon, {"cautious_weight_decay": True}, ValueError, "cautious_weight_decay"),
     (SophiaG, {"rho": 0.0}, ValueError, "rho"),
     (SophiaG, {"betas": (1.0, 0.99)}, ValueError, "betas"),
     (SophiaG, {"eps": -1.0}, ValueError, "eps"),

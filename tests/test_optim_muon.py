@@ -143,7 +143,7 @@ def test_options_nesterov_cautious_split(normuon):
     cls = NorMuon if normuon else Muon
     shapes = [(6, 4), (6, 9), (6, 4)]
     kwargs = dict(
-        lr=0.05, nesterov=False, weight_decay=0.2, cautious_weight_decay=not normuon, split_sizes=[2, 2, 2]
+        lr=0.05, nesterov=False, weight_decay=0.2, cautious_weight_decay=True, split_sizes=[2, 2, 2]
     )
     ref = dict(
         lr=0.05,
@@ -152,7 +152,7 @@ def test_options_nesterov_cautious_split(normuon):
         nesterov=False,
         scale_mode="original",
         normuon=normuon,
-        cautious=not normuon,
+        cautious=True,
         split=[2, 2, 2],
     )
     _run_against_reference(cls, kwargs, ref, shapes=shapes)

@@ -173,7 +173,8 @@ def test_muon_apply_formula(cautious):
     torch.testing.assert_close(param, expected, rtol=1e-14, atol=1e-14)
 
 
-def test_normuon_step_formula():
+@pytest.mark.parametrize("cautious", [False, True])
+def test_normuon_step_formula(cautious):
     m, n = 6, 9
     param = torch.randn(2, m, n, dtype=torch.float64)
     update = torch.randn(2, m, n, dtype=torch.float64)
@@ -186,8 +187,12 @@ def test_normuon_step_formula():
             expected_v[k, i] = beta2 * v[k, i] + (1 - beta2) * sum(O[i, j].item() ** 2 for j in range(n)) / n
         O_hat = torch.stack([O[i] / (math.sqrt(expected_v[k, i].item()) + eps) for i in range(m)])
         O_hat = O_hat * (O.norm() / (O_hat.norm() + eps))
-        expected_p[k] = param[k] * (1 - lr * wd) - lr * scale * O_hat
-    fastoptim.normuon_step_(param, update, v, lr, wd, beta2, eps, scale, backend="torch")
+        for i in range(m):
+            for j in range(n):
+                p, o = param[k, i, j].item(), O_hat[i, j].item()
+                decayed = p * (1 - lr * wd) if (not cautious or o * p >= 0) else p
+                expected_p[k, i, j] = decayed - lr * scale * o
+    fastoptim.normuon_step_(param, update, v, lr, wd, beta2, eps, scale, cautious, backend="torch")
     torch.testing.assert_close(v, expected_v, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(param, expected_p, rtol=1e-13, atol=1e-13)
 

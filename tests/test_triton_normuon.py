@@ -32,12 +32,13 @@ def check_step(
     moment_dtype=torch.float32,
     scale=1.0,
     lr=0.05,
+    cautious=False,
 ):
     param = torch.randn(shape, device=device).to(param_dtype)
     update = (torch.randn(shape, device=device) * scale).to(update_dtype)
     second_moment = (torch.rand(shape[:-1], device=device) * scale**2).to(moment_dtype)
     param_ref, moment_ref = param.clone(), second_moment.clone()
-    args = dict(lr=lr, weight_decay=weight_decay, beta2=0.9, eps=1e-10, scale=3.0)
+    args = dict(lr=lr, weight_decay=weight_decay, beta2=0.9, eps=1e-10, scale=3.0, cautious=cautious)
     ops.normuon_step_(param, update, second_moment, **args, backend="triton")
     ops.normuon_step_(param_ref, update, moment_ref, **args, backend="torch")
     torch.testing.assert_close(second_moment.float(), moment_ref.float(), **TOLERANCES[moment_dtype])
@@ -51,6 +52,12 @@ def check_step(
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_step_matches_torch_fp32(shape, weight_decay, triton_device):
     check_step(shape, torch.float32, torch.float32, triton_device, weight_decay=weight_decay)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (33, 70), (3, 48, 80)])
+def test_cautious_weight_decay_matches_torch(shape, triton_device):
+    # A large decay makes a wrongly decayed coordinate stand out.
+    check_step(shape, torch.float32, torch.float32, triton_device, weight_decay=5.0, lr=0.1, cautious=True)
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (33, 70), (70, 33), (3, 48, 80)])
@@ -148,5 +155,5 @@ def test_step_bf16_on_gpu(shape, param_dtype):
 def test_opcheck(triton_device):
     param, update = torch.randn(2, 3, 5, device=triton_device), torch.randn(2, 3, 5, device=triton_device)
     second_moment = torch.rand(2, 3, device=triton_device)
-    args = (param, update, second_moment, 0.1, 0.1, 0.9, 1e-8, 1.0, "triton")
+    args = (param, update, second_moment, 0.1, 0.1, 0.9, 1e-8, 1.0, True, "triton")
     torch.library.opcheck(ops._normuon_step_op, args)

@@ -101,6 +101,7 @@ def _apply_kernel(
     decay,
     step,
     eps,
+    CAUTIOUS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -122,7 +123,10 @@ def _apply_kernel(
     o = tl.load(update_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     p = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     o_hat = (o * row_scale[:, None]) * ratio
-    result = p * decay - step * o_hat
+    decayed = p * decay
+    if CAUTIOUS:  # decay only where the step and the parameter agree in sign
+        decayed = tl.where(o_hat * p >= 0, decayed, p)
+    result = decayed - step * o_hat
     tl.store(param_ptr + offsets, result.to(param_ptr.dtype.element_ty), mask=mask)
 
 
@@ -141,6 +145,7 @@ def normuon_step_(
     beta2: float,
     eps: float,
     scale: float,
+    cautious: bool = False,
 ) -> None:
     m, n = param.shape[-2], param.shape[-1]
     if m == 0 or second_moment.numel() == 0:
@@ -184,13 +189,14 @@ def normuon_step_(
             1.0 - lr * weight_decay,
             lr * scale,
             eps,
+            CAUTIOUS=cautious,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             num_warps=NUM_WARPS,
         )
 
 
-def _supports(param, update, second_moment, lr, weight_decay, beta2, eps, scale) -> str | None:
+def _supports(param, update, second_moment, *_) -> str | None:
     return unsupported_tensors(param=param, update=update, second_moment=second_moment)
 
 

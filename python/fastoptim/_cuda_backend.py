@@ -40,8 +40,8 @@ def muon_momentum_(buf, grad, nesterov_out, beta) -> None:
     _C.muon_momentum_(buf, grad, nesterov_out, beta)
 
 
-def normuon_step_(param, update, second_moment, lr, weight_decay, beta2, eps, scale) -> None:
-    _C.normuon_step_(param, update, second_moment, lr, weight_decay, beta2, eps, scale)
+def normuon_step_(param, update, second_moment, lr, weight_decay, beta2, eps, scale, cautious) -> None:
+    _C.normuon_step_(param, update, second_moment, lr, weight_decay, beta2, eps, scale, cautious)
 
 
 def _groups(*lists):

@@ -74,14 +74,15 @@ def _normuon_step_op(
     beta2: float,
     eps: float,
     scale: float,
+    cautious: bool,
     backend: str,
 ) -> None:
-    args = (param, update, second_moment, lr, weight_decay, beta2, eps, scale)
+    args = (param, update, second_moment, lr, weight_decay, beta2, eps, scale, cautious)
     backends.implementation("normuon_step_", backend, param.device, args)(*args)
 
 
 @_normuon_step_op.register_fake
-def _(param, update, second_moment, lr, weight_decay, beta2, eps, scale, backend):
+def _(param, update, second_moment, lr, weight_decay, beta2, eps, scale, cautious, backend):
     return None
 
 
@@ -207,10 +208,12 @@ def normuon_step_(
     beta2: float = 0.95,
     eps: float = 1e-10,
     scale: float = 1.0,
+    cautious: bool = False,
     backend: str = "auto",
 ) -> None:
     """NorMuon's row normalization of the orthogonalized update and the step (see
-    `fastoptim.reference.normuon_step_`). Mutates param and second_moment (shape (..., m), one value per row)."""
+    `fastoptim.reference.normuon_step_`); cautious: weight decay only where the normalized update and
+    the parameter agree in sign. Mutates param and second_moment (shape (..., m), one value per row)."""
     _check_update_pair(param, update)
     check.tensor("second_moment", second_moment)
     expected = tuple(param.shape[:-1])
@@ -224,7 +227,8 @@ def normuon_step_(
     beta2 = check.beta("beta2", beta2)
     eps = check.positive("eps", eps)
     scale = check.real("scale", scale)
-    args = (param, update, second_moment, lr, weight_decay, beta2, eps, scale)
+    cautious = check.boolean("cautious", cautious)
+    args = (param, update, second_moment, lr, weight_decay, beta2, eps, scale, cautious)
     name = backends.eager_select("normuon_step_", _backend_arg(backend), param.device, args)
     with torch.no_grad():
         _normuon_step_op(*args, name)

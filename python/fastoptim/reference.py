@@ -113,13 +113,14 @@ def normuon_step_(
     beta2: float,
     eps: float,
     scale: float,
+    cautious: bool = False,
 ) -> None:
     """NorMuon's row-wise normalization of an orthogonalized update O (..., m, n), and the step.
 
         v <- lerp(v, mean_j(O_ij²), 1 - beta2)           one value per row i; v is (..., m)
         Ô = O / (√v + eps)                               each row divided by its RMS estimate
         Ô <- Ô · ‖O‖_F / (‖Ô‖_F + eps)                   the update keeps the norm of O
-        p <- p·(1 - lr·wd)
+        p <- p·(1 - lr·wd)                               cautious: only where Ô·p >= 0
         p <- p - lr·scale·Ô
 
     scale = max(1, m/n)^½ reproduces the official code; 0.2·√max(m, n) gives the paper's
@@ -136,8 +137,11 @@ def normuon_step_(
     norm_O = torch.linalg.matrix_norm(O, ord="fro", keepdim=True)
     norm_O_hat = torch.linalg.matrix_norm(O_hat, ord="fro", keepdim=True)
     O_hat = O_hat * (norm_O / (norm_O_hat + eps))
-    p = param.to(acc) * (1.0 - lr * weight_decay)
-    param.copy_(p - (lr * scale) * O_hat)
+    p = param.to(acc)
+    decayed = p * (1.0 - lr * weight_decay)
+    if cautious:
+        decayed = torch.where(O_hat * p >= 0, decayed, p)
+    param.copy_(decayed - (lr * scale) * O_hat)
 
 
 def sophia_step_(

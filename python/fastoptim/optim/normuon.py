@@ -77,11 +77,6 @@ class NorMuon(MatrixOptimizer):
         super()._validate_matrix_hyper(group, where)
         check.beta(f"{where}beta2", group["beta2"])
         check.positive(f"{where}eps", group["eps"])
-        if group["cautious_weight_decay"]:
-            # fastoptim.ops.normuon_step_ fuses the decay into its apply pass and has no cautious mask yet.
-            raise ValueError(
-                f"{where}cautious_weight_decay=True is not supported by NorMuon yet (only by Muon)"
-            )
 
     def _init_state(self, p: Tensor, state: dict[str, Any], m: int) -> None:
         super()._init_state(p, state, m)
@@ -104,5 +99,6 @@ class NorMuon(MatrixOptimizer):
             group["beta2"],
             group["eps"],
             scale,
-            group["backend"],
+            cautious=group["cautious_weight_decay"],
+            backend=group["backend"],
         )
