@@ -178,6 +178,58 @@ void hessian_ema_(const std::vector<at::Tensor>& hessians, const std::vector<at:
                                                   current_stream()));
 }
 
+// The whole Newton–Schulz iteration of a stack in one call, without returning to Python between steps
+// (so the sequence is CUDA-graph capturable): the hand-written prologue (norm, scale, cast), then per
+// (a, b, c) three cuBLAS GEMMs through ATen whose epilogues carry the linear terms:
+//   wide (m <= n): A = X Xᵀ;  B = b·A + c·A·A (baddbmm: beta=b, alpha=c);  X' = a·X + B·X (beta=a)
+//   tall (m > n):  A = XᵀX;   B = b·A + c·A·A;                              X' = a·X + X·B
+// Transposes are strides handed to cuBLAS, never copies. Workspaces (A, B and two X) are allocated once.
+at::Tensor newton_schulz(const at::Tensor& G, const std::vector<double>& coefficients, double safety, double eps,
+                         at::ScalarType compute_dtype) {
+  CHECK_CUDA(G);
+  TORCH_CHECK(G.dim() >= 2, "G must be (..., m, n), got shape ", G.sizes());
+  TORCH_CHECK(coefficients.size() % 3 == 0, "coefficients must hold (a, b, c) triples, got ",
+              coefficients.size(), " values");
+  TORCH_CHECK(compute_dtype == at::kBFloat16 || compute_dtype == at::kHalf || compute_dtype == at::kFloat,
+              "compute_dtype must be bfloat16, float16 or float32, got ", compute_dtype);
+  const int64_t m = G.size(-2);
+  const int64_t n = G.size(-1);
+  // A stack view (batch, m, n) of G without a copy: collapsible leading dimensions are required.
+  const at::Tensor stack = G.dim() == 3 ? G : G.dim() == 2 ? G.unsqueeze(0) : G.view({-1, m, n});
+  const int64_t batch = stack.size(0);
+  const c10::cuda::CUDAGuard guard(G.device());
+  at::Tensor X = at::empty({batch, m, n}, G.options().dtype(compute_dtype));
+  at::Tensor sums = at::zeros({batch}, G.options().dtype(at::kFloat));
+  CHECK_CUDA_LAUNCH(fastoptim::launch_ns_prologue(
+      stack.data_ptr(), to_dtype(stack, "G"), X.data_ptr(), to_dtype(X, "compute_dtype"), sums.data_ptr<float>(),
+      batch, m, n, stack.stride(0), stack.stride(1), stack.stride(2), static_cast<float>(safety),
+      static_cast<float>(eps), current_stream()));
+  const size_t steps = coefficients.size() / 3;
+  if (steps > 0 && batch > 0 && m > 0 && n > 0) {
+    const bool tall = m > n;
+    const int64_t s = tall ? n : m;
+    at::Tensor A = at::empty({batch, s, s}, X.options());
+    at::Tensor B = at::empty({batch, s, s}, X.options());
+    at::Tensor next = at::empty_like(X);
+    for (size_t step = 0; step < steps; ++step) {
+      const double a = coefficients[3 * step], b = coefficients[3 * step + 1], c = coefficients[3 * step + 2];
+      if (tall) {
+        at::bmm_out(A, X.transpose(1, 2), X);
+      } else {
+        at::bmm_out(A, X, X.transpose(1, 2));
+      }
+      at::baddbmm_out(B, A, A, A, /*beta=*/b, /*alpha=*/c);
+      if (tall) {
+        at::baddbmm_out(next, X, X, B, /*beta=*/a, /*alpha=*/1.0);
+      } else {
+        at::baddbmm_out(next, X, B, X, /*beta=*/a, /*alpha=*/1.0);
+      }
+      std::swap(X, next);
+    }
+  }
+  return X.view(G.sizes());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -193,6 +245,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sophia_step_", &sophia_step_, "multi-tensor Sophia step (in place on params, exp_avgs)", py::arg("params"),
         py::arg("grads"), py::arg("exp_avgs"), py::arg("hessians"), py::arg("unclipped_count"), py::arg("lr"),
         py::arg("beta1"), py::arg("rho"), py::arg("weight_decay"), py::arg("eps"));
+  m.def("newton_schulz", &newton_schulz, "the whole Newton–Schulz iteration of a stack (returns a new tensor)",
+        py::arg("G"), py::arg("coefficients"), py::arg("safety"), py::arg("eps"), py::arg("compute_dtype"));
   m.def("hessian_ema_", &hessian_ema_, "multi-tensor h <- lerp(h, estimate, 1-beta2)", py::arg("hessians"),
         py::arg("estimates"), py::arg("beta2"));
 }

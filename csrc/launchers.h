@@ -41,3 +41,30 @@ cudaError_t launch_hessian_ema(void* const* hessians, DType hessian_dtype, void*
                                cudaStream_t stream);
 
 }  // namespace fastoptim
+
+namespace fastoptim {
+
+// X = G / (safety·‖G‖_F + eps) per matrix of a strided (batch, m, n) stack G, written contiguous in
+// out_dtype; sums: batch fp32, zeroed (receives ‖G‖_F²).
+cudaError_t launch_ns_prologue(const void* g, DType g_dtype, void* out, DType out_dtype, float* sums, int64_t batch,
+                               int64_t m, int64_t n, int64_t batch_stride, int64_t row_stride, int64_t col_stride,
+                               float safety, float eps, cudaStream_t stream);
+
+}  // namespace fastoptim
+
+namespace fastoptim {
+
+// C = alpha * X Xᵀ + beta * D (transposed: X is k x s, C = alpha * XᵀX + beta * D), upper-triangle tiles on
+// tensor cores, each written with its mirror. X: bf16/fp16 (dtype), batch x s x k with the given batch and row
+// strides (elements; the last dimension contiguous). out and addend (nullable, ignored when beta == 0): batch x
+// s x s of dtype (fp32 for the _fp32_out variant), rows contiguous, matrices out_batch_stride apart.
+cudaError_t launch_symmetric_gemm(const void* x, void* out, const void* addend, DType dtype, int64_t batch,
+                                  int64_t s, int64_t k, int64_t x_batch_stride, int64_t x_row_stride,
+                                  int64_t out_batch_stride, bool transposed, float alpha, float beta,
+                                  cudaStream_t stream);
+cudaError_t launch_symmetric_gemm_fp32_out(const void* x, float* out, const float* addend, DType dtype,
+                                           int64_t batch, int64_t s, int64_t k, int64_t x_batch_stride,
+                                           int64_t x_row_stride, int64_t out_batch_stride, bool transposed,
+                                           float alpha, float beta, cudaStream_t stream);
+
+}  // namespace fastoptim

@@ -68,8 +68,11 @@ def test_fastoptim_backend_env_forces_a_backend(monkeypatch):
 
 
 def test_missing_kernel_is_reported(monkeypatch):
+    import types
+
     for name in backends.NAMES:
         monkeypatch.setitem(backends._STATUS, name, lambda name=name: backends.BackendStatus(name, True, "pretend"))
+    monkeypatch.setattr(backends, "_module", lambda name: types.SimpleNamespace(OPS={}))
     with pytest.raises(fastoptim.BackendUnavailableError, match="no newton_schulz kernel"):
         backends.select("newton_schulz", "cuda", torch.device("cuda"))
 

@@ -44,6 +44,20 @@ def normuon_step_(param, update, second_moment, lr, weight_decay, beta2, eps, sc
     _C.normuon_step_(param, update, second_moment, lr, weight_decay, beta2, eps, scale, cautious)
 
 
+def newton_schulz(G, schedule, eps, compute_dtype) -> torch.Tensor:
+    return _C.newton_schulz(G, schedule.flat(), schedule.safety, eps, compute_dtype)
+
+
+def _newton_schulz_support(G, schedule, eps, compute_dtype) -> str | None:
+    if compute_dtype not in _KERNEL_DTYPES:
+        return f"its Newton–Schulz driver computes in float32, bfloat16 or float16, got {compute_dtype}"
+    if G.dtype not in _KERNEL_DTYPES:
+        return f"its Newton–Schulz prologue reads float32, bfloat16 or float16 input, got {G.dtype}"
+    if G.dim() > 3 and not G.is_contiguous():
+        return "it takes a stack (..., m, n) with more than one leading dimension only when contiguous"
+    return None
+
+
 def _groups(*lists):
     """Indices of the tensors grouped by their dtype combination: the kernels take one combination a launch."""
     groups = defaultdict(list)
@@ -86,6 +100,7 @@ def _normuon_support(param, update, second_moment, *_) -> str | None:
 
 
 OPS = {
+    "newton_schulz": newton_schulz,
     "muon_apply_": muon_apply_,
     "muon_momentum_": muon_momentum_,
     "normuon_step_": normuon_step_,
@@ -93,6 +108,7 @@ OPS = {
     "hessian_ema_": hessian_ema_,
 }
 SUPPORTS = {
+    "newton_schulz": _newton_schulz_support,
     "muon_apply_": lambda param, update, *_: _support(param, update),
     "muon_momentum_": lambda buf, grad, nesterov_out, beta: _support(buf, grad, nesterov_out),
     "normuon_step_": _normuon_support,
