@@ -47,11 +47,15 @@ def torch_optim_muon_ns():
 
 
 IMPLEMENTATIONS = [f"fastoptim-{name}" for name in backends_to_compare("newton_schulz")] + ["torch-loop"]
+if "fastoptim-cuda" in IMPLEMENTATIONS:
+    IMPLEMENTATIONS.append("fastoptim-cuda-symmetric")  # the upper-triangle tensor-core kernel, forced
 if torch_optim_muon_ns() is not None:
     IMPLEMENTATIONS.append("torch.optim.Muon")
 
 
 def make_call(impl: str, G: torch.Tensor):
+    if impl == "fastoptim-cuda-symmetric":
+        return lambda: fastoptim.newton_schulz(G, STEPS, compute_dtype=DTYPE, backend="cuda")
     if impl.startswith("fastoptim-"):
         backend = impl.split("-", 1)[1]
         return lambda: fastoptim.newton_schulz(G, STEPS, compute_dtype=DTYPE, backend=backend)
@@ -59,6 +63,13 @@ def make_call(impl: str, G: torch.Tensor):
         return lambda: [reference.newton_schulz(g, STEPS, compute_dtype=DTYPE) for g in G]
     zeropower = torch_optim_muon_ns()
     return lambda: [zeropower(g, (3.4445, -4.775, 2.0315), STEPS, 1e-7) for g in G]
+
+
+@pytest.fixture(autouse=True)
+def _symmetric_switch(request, monkeypatch):
+    impl = request.node.callspec.params.get("impl", "") if hasattr(request.node, "callspec") else ""
+    if impl.startswith("fastoptim-cuda"):
+        monkeypatch.setenv("FASTOPTIM_NS_SYMMETRIC", "1" if impl == "fastoptim-cuda-symmetric" else "0")
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)

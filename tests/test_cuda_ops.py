@@ -189,3 +189,14 @@ def test_newton_schulz_cuda_is_graph_capturable():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(captured, expected)
+
+
+@pytest.mark.parametrize("shape", [(33, 70), (70, 33), (3, 48, 80), (130, 257)], ids=str)
+def test_newton_schulz_cuda_symmetric_path_matches_cublas_path(shape, monkeypatch):
+    G = torch.randn(shape, device="cuda")
+    monkeypatch.setenv("FASTOPTIM_NS_SYMMETRIC", "0")
+    cublas = fastoptim.newton_schulz(G, backend="cuda")
+    monkeypatch.setenv("FASTOPTIM_NS_SYMMETRIC", "1")
+    symmetric = fastoptim.newton_schulz(G, backend="cuda")
+    exact = fastoptim.newton_schulz(G.double(), compute_dtype=torch.float64, backend="torch")
+    assert (symmetric.double() - exact).norm() <= 2 * (cublas.double() - exact).norm() + 1e-6

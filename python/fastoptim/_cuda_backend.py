@@ -4,6 +4,7 @@ dispatch moves on to the next backend for the others."""
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 
 import torch
@@ -44,8 +45,24 @@ def normuon_step_(param, update, second_moment, lr, weight_decay, beta2, eps, sc
     _C.normuon_step_(param, update, second_moment, lr, weight_decay, beta2, eps, scale, cautious)
 
 
+# Smallest Gram side s = min(m, n) from which the upper-triangle tensor-core kernel (csrc/symmetric_gemm.cu)
+# beats cuBLAS for X Xᵀ and A·A. None until a GPU run has measured it (bench_newton_schulz's
+# fastoptim-cuda-symmetric rows): dispatch picks per shape from measured data, not guesses.
+SYMMETRIC_MIN_GRAM: int | None = None
+
+
+def _use_symmetric(G: torch.Tensor, compute_dtype: torch.dtype) -> bool:
+    """FASTOPTIM_NS_SYMMETRIC=1 forces the symmetric kernel (16-bit compute), 0 forbids it; unset: the table."""
+    forced = os.environ.get("FASTOPTIM_NS_SYMMETRIC", "").strip()
+    if compute_dtype == torch.float32 or forced == "0":
+        return False
+    if forced == "1":
+        return True
+    return SYMMETRIC_MIN_GRAM is not None and min(G.shape[-2], G.shape[-1]) >= SYMMETRIC_MIN_GRAM
+
+
 def newton_schulz(G, schedule, eps, compute_dtype) -> torch.Tensor:
-    return _C.newton_schulz(G, schedule.flat(), schedule.safety, eps, compute_dtype)
+    return _C.newton_schulz(G, schedule.flat(), schedule.safety, eps, compute_dtype, _use_symmetric(G, compute_dtype))
 
 
 def _newton_schulz_support(G, schedule, eps, compute_dtype) -> str | None:
