@@ -1,5 +1,5 @@
 # The two commands of the README, and the helpers they stand on.
-#   make demo   set up .venv (if missing), install fastoptim, run the main job
+#   make demo   set up .venv (if missing), install fastoptim, run the main job (the optimizer comparison)
 #   make test   same set-up, then the whole test suite
 # Knobs: PYTHON (interpreter that creates the venv), VENV, TORCH_SPEC (torch to install when the venv has
 # none), FASTOPTIM_CUDA (auto|1|0, see setup.py), PYTEST_ARGS.
@@ -26,7 +26,7 @@ install: $(STAMP)
 
 demo: install
 	$(PY) -m fastoptim info
-	$(PY) -m fastoptim demo
+	$(PY) -m fastoptim compare $(COMPARE_ARGS)
 
 test: install
 	$(PY) -m pytest -q --benchmark-disable $(PYTEST_ARGS)

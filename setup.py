@@ -17,11 +17,15 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGE_DIR = {"fastoptim": "python/fastoptim", "fastoptim.triton_kernels": "triton_kernels"}
-PACKAGES = ["fastoptim", "fastoptim.triton_kernels"]
+PACKAGES = ["fastoptim." + name for name in find_packages("python/fastoptim")] + [
+    "fastoptim",
+    "fastoptim.triton_kernels",
+]
+PACKAGE_DATA = {"fastoptim.data": ["*.txt.xz", "PROVENANCE.md"]}
 
 
 def _log(msg: str) -> None:
@@ -117,6 +121,7 @@ ext_modules, cmdclass = _extension_modules()
 setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
+    package_data=PACKAGE_DATA,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

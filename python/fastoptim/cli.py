@@ -1,4 +1,4 @@
-"""The command line: ``python -m fastoptim {info,demo}``."""
+"""The command line: ``python -m fastoptim {info,demo,compare}``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 import fastoptim
 from fastoptim import backends
+from fastoptim.compare import command as compare
 
 
 def _versions() -> list[tuple[str, str]]:
@@ -86,5 +87,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo.add_argument("--device", default="cpu")
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.set_defaults(func=demo)
+    p_compare = sub.add_parser(
+        "compare",
+        help="train a small GPT on the bundled corpus with AdamW, Muon, NorMuon and SophiaG",
+        description="Train the same byte-level GPT (same init, data order and token budget) on Jane "
+        "Austen's novels once per optimizer; print final losses, steps to reach AdamW's validation "
+        "loss, tokens/s, ms per optimizer step and optimizer-state memory; write a loss-curve PNG, "
+        "JSON and CSV to --out.",
+    )
+    compare.add_arguments(p_compare)
+    p_compare.set_defaults(func=lambda args: compare.run(args, p_compare))
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,0 +1,21 @@
+"""`python -m fastoptim compare`: train a small byte-level GPT on the bundled Jane Austen corpus with
+AdamW, Muon, NorMuon and SophiaG (same model, seed, data order and token budget) and report loss,
+training efficiency, throughput and optimizer-state memory.
+
+Modules: `model` (the GPT), `data` (corpus, split, batches), `train` (loop, metrics, presets),
+`report` (table, plot, JSON, CSV), `command` (the CLI subcommand).
+"""
+
+from __future__ import annotations
+
+from .data import BatchSchedule, corpus_tokens, load_corpus_bytes, train_validation_split
+from .model import GPT, GPTConfig
+
+__all__ = [
+    "GPT",
+    "BatchSchedule",
+    "GPTConfig",
+    "corpus_tokens",
+    "load_corpus_bytes",
+    "train_validation_split",
+]
