@@ -21,6 +21,11 @@ Shape buckets
     model. ``split_sizes`` on a group splits the rows of every matrix into blocks (per-head or
     split-QKV orthogonalization) that are orthogonalized, scaled and (NorMuon) normalized separately.
 
+Distributed
+    Under torch.distributed, replicated (DDP) and row-sharded DTensor (FSDP2) matrices split the
+    Newton–Schulz work between ranks: see `fastoptim.distributed` (the `_row_state_keys`,
+    `_direction_dtype` and `_block_direction` hooks below are what it needs from a subclass).
+
 Non-finite gradients
     Nothing in ``step()`` looks at tensor values (no host synchronization), so a NaN/Inf gradient
     is not skipped: it makes its own parameter and that parameter's state non-finite. Newton–Schulz
@@ -215,10 +220,16 @@ class MatrixOptimizer(torch.optim.Optimizer):
     # State tensors kept in float32 whatever the parameter dtype (torch's load_state_dict would cast
     # them to the parameter dtype; `load_state_dict` restores them exactly).
     _float32_state_keys: tuple[str, ...] = ()
+    # Per-row state (shape (m,)) that `_apply_block` reads and updates: the distributed step moves these
+    # rows together with the matrix rows they belong to (see `fastoptim.distributed`).
+    _row_state_keys: tuple[str, ...] = ()
 
-    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+    def __init__(self, params: Any, defaults: dict[str, Any], process_group: Any = "auto") -> None:
+        from .. import distributed  # fastoptim.distributed builds on this module
+
         self._validate_matrix_hyper(defaults, "")
         self._validate_adamw_hyper({key: defaults[src] for key, src in _ADAMW_KEYS.items()}, "adamw_")
+        self._process_group = distributed.check_process_group(process_group)
         super().__init__(params, defaults)
 
     # -- groups ------------------------------------------------------------------------------------
@@ -308,6 +319,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 group["params"] = [(names[i], params[i]) for i in idx]
             full = {**self.defaults, **group, "params": [params[i] for i in idx]}
             self._validate_group(full)
+            if flag:
+                from .. import distributed
+
+                distributed.check_placements(full["params"], None if names is None else [names[i] for i in idx])
             groups.append(group)
         for group in groups:
             super().add_param_group(group)
@@ -335,6 +350,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
         state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _matrix_group_step(self, group: dict[str, Any]) -> None:
+        from .. import distributed
+
+        process_group = getattr(self, "_process_group", "auto")
+        if distributed.is_distributed(process_group, group["params"]):
+            distributed.matrix_group_step(self, group, process_group)
+            return
         buckets: dict[tuple, list[Tensor]] = {}
         for p in group["params"]:
             if p.grad is not None:
@@ -356,16 +377,21 @@ class MatrixOptimizer(torch.optim.Optimizer):
             orthogonal = self._orthogonalize(stacked, blocks, schedule, group)
             del stacked
             for i, p in enumerate(params):
-                if p.dim() == 2 or p.is_contiguous():
-                    matrix, write_back = p.view(m, n), False
-                else:  # e.g. a channels_last conv kernel: no (m, n) view exists
-                    matrix, write_back = p.reshape(m, n).contiguous(), True
-                for r0, r1 in blocks:
-                    rows = matrix if len(blocks) == 1 else matrix[r0:r1]
-                    scale = shape_scale(group["scale_mode"], r1 - r0, n)
-                    self._apply_block(group, self.state[p], rows, orthogonal[i, r0:r1], r0, r1, scale)
-                if write_back:
-                    p.copy_(matrix.view(p.shape))
+                self._apply_matrix(group, p, orthogonal[i], blocks)
+
+    def _apply_matrix(self, group: dict, p: Tensor, orthogonal: Tensor, blocks: list[tuple[int, int]]) -> None:
+        """`_apply_block` on every row block of one whole (m, n) matrix."""
+        m, n = orthogonal.shape
+        if p.dim() == 2 or p.is_contiguous():
+            matrix, write_back = p.view(m, n), False
+        else:  # e.g. a channels_last conv kernel: no (m, n) view exists
+            matrix, write_back = p.reshape(m, n).contiguous(), True
+        for r0, r1 in blocks:
+            rows = matrix if len(blocks) == 1 else matrix[r0:r1]
+            scale = shape_scale(group["scale_mode"], r1 - r0, n)
+            self._apply_block(group, self.state[p], rows, orthogonal[r0:r1], r0, r1, scale)
+        if write_back:
+            p.copy_(matrix.view(p.shape))
 
     @staticmethod
     def _orthogonalize(stacked: Tensor, blocks: list[tuple[int, int]], schedule: Any, group: dict) -> Tensor:
@@ -395,6 +421,17 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self, group: dict, state: dict, rows: Tensor, update: Tensor, r0: int, r1: int, scale: float
     ) -> None:
         raise NotImplementedError
+
+    def _direction_dtype(self, group: dict, param_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of `_block_direction`'s result."""
+        return group["ns_dtype"]
+
+    def _block_direction(self, group: dict, row_state: dict[str, Tensor], update: Tensor) -> Tensor:
+        """D such that `_apply_block(rows, update)` equals ``muon_apply_(rows, D, lr, wd, scale, cautious)``,
+        computed from a whole row block; ``row_state`` holds the block's slice of each `_row_state_keys`
+        tensor and is updated in place. The sharded (FSDP2) step computes D where the whole matrix is
+        and applies it on each rank's rows. Muon: D = O."""
+        return update
 
     # -- checkpoints -------------------------------------------------------------------------------
 

@@ -34,6 +34,11 @@ class Muon(MatrixOptimizer):
     ns_dtype, scale_mode, cautious_weight_decay, backend, split_sizes (optional row blocks
     orthogonalized separately, e.g. [d, d, d] for a fused QKV weight). State per matrix:
     ``momentum_buffer``; per AdamW parameter: ``exp_avg``, ``exp_avg_sq``, ``step``.
+
+    process_group: "auto" (default) splits the Newton–Schulz work of replicated (DDP) parameters over
+    the default process group when torch.distributed is initialized; a ProcessGroup names the group the
+    parameters are replicated over; None never splits. DTensor (FSDP2) parameters always use their own
+    mesh. See `fastoptim.distributed`.
     """
 
     def __init__(
@@ -54,6 +59,7 @@ class Muon(MatrixOptimizer):
         adamw_weight_decay: float = 0.0,
         backend: str = "auto",
         split_sizes: Sequence[int] | None = None,
+        process_group: Any = "auto",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -72,7 +78,7 @@ class Muon(MatrixOptimizer):
             backend=backend,
             split_sizes=split_sizes,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, process_group)
 
     def _apply_block(
         self, group: dict, state: dict, rows: Tensor, update: Tensor, r0: int, r1: int, scale: float

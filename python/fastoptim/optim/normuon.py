@@ -27,9 +27,11 @@ from ._base import MatrixOptimizer
 
 class NorMuon(MatrixOptimizer):
     """NorMuon for matrices, AdamW for the rest. Muon's arguments plus ``beta2`` and ``eps``
-    (the row normalization's). State per matrix: ``momentum_buffer``, ``second_moment``."""
+    (the row normalization's). State per matrix: ``momentum_buffer``, ``second_moment``.
+    ``process_group``: as for `Muon` (see `fastoptim.distributed`)."""
 
     _float32_state_keys = ("second_moment",)
+    _row_state_keys = ("second_moment",)
 
     def __init__(
         self,
@@ -51,6 +53,7 @@ class NorMuon(MatrixOptimizer):
         split_sizes: Sequence[int] | None = None,
         beta2: float = 0.95,
         eps: float = 1e-10,
+        process_group: Any = "auto",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -71,7 +74,7 @@ class NorMuon(MatrixOptimizer):
             beta2=beta2,
             eps=eps,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, process_group)
 
     def _validate_matrix_hyper(self, group: dict[str, Any], where: str) -> None:
         super()._validate_matrix_hyper(group, where)
@@ -102,3 +105,27 @@ class NorMuon(MatrixOptimizer):
             cautious=group["cautious_weight_decay"],
             backend=group["backend"],
         )
+
+    def _direction_dtype(self, group: dict, param_dtype: torch.dtype) -> torch.dtype:
+        # The dtype normuon_step_ computes Ô in (float64 if any of its inputs is float64).
+        return torch.float64 if torch.float64 in (param_dtype, group["ns_dtype"]) else torch.float32
+
+    def _block_direction(self, group: dict, row_state: dict[str, Tensor], update: Tensor) -> Tensor:
+        # normuon_step_ on a zero matrix with lr = 1, no decay and scale = -1 leaves exactly Ô in it
+        # (0 - (-1)·Ô); muon_apply_(p, Ô, lr, wd, scale, cautious) then takes NorMuon's own step.
+        second_moment = row_state["second_moment"]
+        direction = torch.zeros(
+            update.shape, dtype=self._direction_dtype(group, second_moment.dtype), device=update.device
+        )
+        normuon_step_(
+            direction,
+            update,
+            second_moment,
+            lr=1.0,
+            weight_decay=0.0,
+            beta2=group["beta2"],
+            eps=group["eps"],
+            scale=-1.0,
+            backend=group["backend"],
+        )
+        return direction

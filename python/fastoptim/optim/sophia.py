@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import _validation as check
+from ..distributed import local_tensor
 from ..ops import hessian_ema_, sophia_step_
 from ._base import check_backend, check_betas, check_grads, check_params, check_positive_int
 
@@ -77,7 +78,8 @@ class _Sophia(torch.optim.Optimizer):
         for p in group["params"]:
             if p.grad is not None:
                 state = self._state(p)
-                items.append((p, p.grad, state["exp_avg"], state["hessian"]))
+                # Elementwise: a DTensor (FSDP2) parameter steps its local shard.
+                items.append(tuple(local_tensor(t) for t in (p, p.grad, state["exp_avg"], state["hessian"])))
         beta1, _ = group["betas"]
         for batch in _by_device(items).values():
             params, grads, exp_avgs, hessians = (list(x) for x in zip(*batch))
@@ -141,7 +143,11 @@ class SophiaG(_Sophia):
         check_grads(self.param_groups)
         for group in self.param_groups:
             _, beta2 = group["betas"]
-            items = [(self._state(p)["hessian"], p.grad) for p in group["params"] if p.grad is not None]
+            items = [
+                (local_tensor(self._state(p)["hessian"]), local_tensor(p.grad))
+                for p in group["params"]
+                if p.grad is not None
+            ]
             for batch in _by_device(items).values():
                 hessians, grads = (list(x) for x in zip(*batch))
                 torch._foreach_mul_(hessians, beta2)
@@ -238,7 +244,8 @@ class SophiaH(_Sophia):
             for p in group["params"]:
                 if p in graph_grads:
                     # A gradient that does not depend on the parameters (a linear term) has H = 0 there.
-                    items.append((self._state(p)["hessian"], estimates.get(p, torch.zeros_like(p))))
+                    estimate = estimates.get(p, torch.zeros_like(p))
+                    items.append((local_tensor(self._state(p)["hessian"]), local_tensor(estimate)))
             for batch in _by_device(items).values():
                 hessians, ests = (list(x) for x in zip(*batch))
                 hessian_ema_(hessians, ests, beta2, backend=group["backend"])

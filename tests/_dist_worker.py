@@ -1,0 +1,197 @@
+"""One rank of the distributed tests (tests/test_distributed.py starts it as a subprocess).
+
+    python tests/_dist_worker.py RANK WORLD PORT OUT_DIR
+
+Runs every scenario on gloo (CPU) and writes what the tests compare — final full parameters,
+optimizer states, error messages — to OUT_DIR/rank{RANK}.pt. The model, data, param groups and
+training loop live here so that the single-process reference in the tests runs the same code.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+
+import torch
+from torch import nn
+
+import fastoptim
+from fastoptim import Muon, NorMuon, SophiaG
+
+STEPS = 4
+GLOBAL_BATCH = 8
+
+
+class Net(nn.Module):
+    """Matrices of odd shapes: a conv kernel (5, 3, 3) -> (5, 9), two (16, 16) in one bucket, a 7-row head
+    (4 + 3 rows on two ranks) and a 1-row gate (no rows at all on the second rank)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv1d(3, 5, 3, padding=1)
+        self.fc1 = nn.Linear(15, 16)
+        self.fc2 = nn.Linear(16, 16)
+        self.fc3 = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 7)
+        self.gate = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x)).flatten(1)
+        for layer in (self.fc1, self.fc2, self.fc3):
+            h = torch.tanh(layer(h))
+        return self.head(h) + self.gate(h)
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(GLOBAL_BATCH, 3, 3, generator=g), torch.randn(GLOBAL_BATCH, 7, generator=g)
+
+
+def groups(model: nn.Module) -> list[dict]:
+    named = dict(model.named_parameters())
+    matrices = ["conv.weight", "fc1.weight", "fc2.weight", "fc3.weight", "gate.weight"]
+    return [
+        {"params": [(k, named[k]) for k in matrices], "use_muon": True},
+        {"params": [("head.weight", named["head.weight"])], "use_muon": True, "split_sizes": [3, 4]},
+        {"params": [(k, v) for k, v in named.items() if k.endswith("bias")], "use_muon": False},
+    ]
+
+
+def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    common = dict(lr=0.02, ns_dtype=torch.float32, weight_decay=0.1, adamw_lr=1e-2, adamw_weight_decay=0.01)
+    if name == "muon":
+        return Muon(groups(model), cautious_weight_decay=True, **common)
+    if name == "normuon":
+        return NorMuon(groups(model), **common)
+    if name == "sophia":
+        return SophiaG(model.parameters(), lr=1e-2, rho=0.05, bs=GLOBAL_BATCH)
+    raise ValueError(name)
+
+
+def train(model: nn.Module, opt, name: str, steps: int, start: int = 0, rank: int = 0, world: int = 1) -> None:
+    """The same global batch every run; each rank takes its contiguous share."""
+    per_rank = GLOBAL_BATCH // world
+    for step in range(start, start + steps):
+        x, y = batch(step)
+        x, y = x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        if name == "sophia" and step % 2 == 0:  # a Hessian refresh from the same loss's g⊙g
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.update_hessian()
+
+
+# --------------------------------------------------------------------------------------------------
+# Scenarios (rank side)
+
+
+def _full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in model.named_parameters()}
+
+
+def _fsdp_net(seed: int = 0) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    net = Net(seed)
+    for module in (net.conv, net.fc1, net.fc2, net.fc3, net.head, net.gate):
+        fully_shard(module)
+    fully_shard(net)
+    return net
+
+
+def run_ddp(name: str, rank: int, world: int, results: dict) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    net = Net()
+    model = DistributedDataParallel(net)
+    opt = make_optimizer(name, net)
+    train(model, opt, name, STEPS, rank=rank, world=world)
+    results[f"ddp_{name}"] = _full_params(net)
+    results[f"ddp_{name}_state"] = opt.state_dict()
+
+
+def run_fsdp(name: str, rank: int, world: int, results: dict) -> None:
+    model = _fsdp_net()
+    opt = make_optimizer(name, model)
+    train(model, opt, name, STEPS, rank=rank, world=world)
+    results[f"fsdp_{name}"] = _full_params(model)
+    if name == "normuon":
+        second_moment = opt.state[dict(model.named_parameters())["head.weight"]]["second_moment"]
+        results["fsdp_normuon_head_second_moment"] = second_moment.full_tensor()
+        results["fsdp_normuon_head_second_moment_placements"] = list(second_moment.placements)
+
+
+def run_checkpoint(name: str, rank: int, world: int, out_dir: str, results: dict) -> None:
+    """Save after 2 steps with torch.distributed.checkpoint, resume in a fresh model and optimizer."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    path = os.path.join(out_dir, f"checkpoint_{name}")
+    model = _fsdp_net()
+    opt = make_optimizer(name, model)
+    train(model, opt, name, 2, rank=rank, world=world)
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+    del model, opt
+
+    model = _fsdp_net(seed=1)  # different weights: the checkpoint must bring everything back
+    opt = make_optimizer(name, model)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    train(model, opt, name, STEPS - 2, start=2, rank=rank, world=world)
+    results[f"checkpoint_{name}"] = _full_params(model)
+
+
+def run_placements(world: int, results: dict) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    by_columns = nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Shard(1)]))
+    replicated = nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Replicate()]))
+    for key, make in {
+        "error_named_shard1": lambda: Muon([("blocks.0.attn.weight", by_columns)]),
+        "error_unnamed_replicate": lambda: NorMuon([replicated]),
+    }.items():
+        try:
+            make()
+            results[key] = None
+        except ValueError as e:
+            results[key] = str(e)
+    NorMuon([{"params": [by_columns], "use_muon": False}])  # elementwise AdamW takes any placement
+    results["adamw_shard1_accepted"] = True
+
+
+def main() -> None:
+    rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    results: dict = {"fastoptim": fastoptim.__file__}
+    try:
+        for name in ("muon", "normuon"):
+            run_ddp(name, rank, world, results)
+        for name in ("muon", "normuon", "sophia"):
+            run_fsdp(name, rank, world, results)
+        for name in ("normuon", "muon"):
+            run_checkpoint(name, rank, world, out_dir, results)
+        run_placements(world, results)
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
