@@ -20,47 +20,18 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 import fastoptim
-
-try:  # the model of `python -m fastoptim compare`
-    from fastoptim.compare.model import GPT, GPTConfig
-except ImportError:  # a tiny stand-in with the same interface
-    GPT = GPTConfig = None
+from fastoptim.compare.model import GPT, GPTConfig
 
 
-class TinyGPT(nn.Module):
-    """Embedding, pre-norm causal attention + MLP blocks, head: the stand-in when fastoptim.compare is absent."""
-
-    def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int) -> None:
-        super().__init__()
-        self.token_embedding = nn.Embedding(vocab_size, n_embd)
-        self.position_embedding = nn.Embedding(block_size, n_embd)
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(n_embd, n_head, 4 * n_embd, dropout=0.0, batch_first=True, norm_first=True)
-            for _ in range(n_layer)
-        )
-        self.final_norm = nn.LayerNorm(n_embd)
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        time_steps = idx.shape[1]
-        x = self.token_embedding(idx) + self.position_embedding(torch.arange(time_steps, device=idx.device))
-        mask = nn.Transformer.generate_square_subsequent_mask(time_steps, device=idx.device)
-        for block in self.blocks:
-            x = block(x, src_mask=mask, is_causal=True)
-        return self.lm_head(self.final_norm(x))
-
-
-def build_model(args: argparse.Namespace) -> nn.Module:
-    if GPT is not None:
-        config = GPTConfig(
-            vocab_size=256, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd
-        )
-        return GPT(config)
-    return TinyGPT(256, args.block_size, args.n_layer, args.n_head, args.n_embd)
+def build_model(args: argparse.Namespace) -> GPT:
+    """The byte-level GPT of `python -m fastoptim compare`."""
+    config = GPTConfig(
+        vocab_size=256, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd
+    )
+    return GPT(config)
 
 
 def batch(step: int, rank: int, args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,9 +100,9 @@ def main() -> None:
     if rank == 0:
         timed = step_times[min(5, len(step_times) - 1) :]  # past warm-up
         name = torch.cuda.get_device_name(device) if use_cuda else "CPU"
-        model_kind = "fastoptim.compare.model.GPT" if GPT is not None else "TinyGPT"
+        parameters = sum(p.numel() for p in model.parameters())
         print(
-            f"{model_kind}, {sum(p.numel() for p in model.parameters()):,} parameters, {world} rank(s) on {name} "
+            f"fastoptim.compare.model.GPT, {parameters:,} parameters, {world} rank(s) on {name} "
             f"({dist.get_backend()}), torch {torch.__version__}: median step {statistics.median(timed) * 1e3:.1f} ms",
             flush=True,
         )
