@@ -2,7 +2,7 @@
 #   make demo   set up .venv (if missing), install fastoptim, run the main job (the optimizer comparison)
 #   make test   same set-up, then the whole test suite
 # Knobs: PYTHON (interpreter that creates the venv), VENV, TORCH_SPEC (torch to install when the venv has
-# none), FASTOPTIM_CUDA (auto|1|0, see setup.py), PYTEST_ARGS.
+# none), FASTOPTIM_CUDA (auto|1|0, see setup.py), PYTEST_ARGS, COMPARE_ARGS (e.g. --quick for make demo).
 
 PYTHON ?= python3
 VENV ?= .venv
