@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastoptim-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*)
 
-.PHONY: demo test install lint clean bench gpu-check
+.PHONY: demo test install lint clean bench gpu-check gpu-sanitize
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -56,3 +56,11 @@ gpu-check:
 	$(GPU_PY) -m pytest tests -q -m "cuda or triton" --junitxml=$(OUT)/tests.xml 2>&1 | tee $(OUT)/tests.txt
 	$(GPU_PY) -m pytest bench -q --benchmark-enable --benchmark-json=$(OUT)/bench.json 2>&1 | tee $(OUT)/bench.txt
 	$(GPU_PY) bench/render.py $(OUT)/bench.json -o $(OUT)/RESULTS.md
+
+# compute-sanitizer over the CUDA-op tests (memcheck, then racecheck), on a GPU machine after gpu-check.
+gpu-sanitize:
+	mkdir -p $(OUT)
+	compute-sanitizer --tool memcheck --error-exitcode 1 $(GPU_PY) -m pytest -q -x tests/test_cuda_ops.py \
+		tests/test_cuda_symmetric.py -k "not 4096 and not 70000" 2>&1 | tee $(OUT)/memcheck.txt
+	compute-sanitizer --tool racecheck --error-exitcode 1 $(GPU_PY) -m pytest -q -x tests/test_cuda_ops.py \
+		-k "normuon or sophia or hessian" 2>&1 | tee $(OUT)/racecheck.txt
