@@ -4,6 +4,8 @@
 # Knobs: PYTHON (interpreter that creates the venv), VENV, TORCH_SPEC (torch to install when the venv has
 # none), FASTOPTIM_CUDA (auto|1|0, see setup.py), PYTEST_ARGS, COMPARE_ARGS (e.g. --quick for make demo).
 
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1
