@@ -53,7 +53,6 @@ OUT ?= bench/results/gpu
 GPU_PY ?= python
 gpu-check:
 	mkdir -p $(OUT)
-	$(GPU_PY) -m fastoptim info > $(OUT)/info.txt 2>&1 || true
 	FASTOPTIM_CUDA=1 $(GPU_PY) -m pip install --no-build-isolation --no-deps -e . > $(OUT)/build.log 2>&1
 	$(GPU_PY) -m fastoptim info | tee $(OUT)/info.txt
 	-$(GPU_PY) -m pytest tests -q -m "cuda or triton" --junitxml=$(OUT)/tests.xml 2>&1 | tee $(OUT)/tests.txt
