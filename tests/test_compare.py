@@ -195,3 +195,14 @@ def test_every_optimizer_has_a_default_rate():
 
     for preset in PRESETS.values():
         assert set(preset.learning_rates) == set(OPTIMIZERS)
+
+
+def test_missing_matplotlib_skips_only_the_plot(tmp_path, monkeypatch, caplog):
+    import sys
+
+    from fastoptim.compare import report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert report.write_plot(tmp_path, [], "title") is None
+    assert "matplotlib is not installed" in caplog.text
+    assert not (tmp_path / report.PLOT_PNG).exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ RESULTS_JSON = "results.json"
 SUMMARY_CSV = "summary.csv"
 CURVES_CSV = "curves.csv"
 PLOT_PNG = "loss_curves.png"
+logger = logging.getLogger(__name__)
 DASH = "—"
 
 COLUMNS = (
@@ -171,8 +173,14 @@ def _smoothed(values: Sequence[float], beta: float = 0.9) -> list[float]:
     return out
 
 
-def write_plot(out: Path, runs: Sequence[RunResult], title: str) -> Path:
-    import matplotlib
+def write_plot(out: Path, runs: Sequence[RunResult], title: str) -> Path | None:
+    """The loss curves as a PNG; None (with a warning) where matplotlib is not installed, so that a
+    finished comparison is never lost to a missing plotting library."""
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning("matplotlib is not installed: %s not written (pip install matplotlib)", PLOT_PNG)
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -212,4 +220,5 @@ def write_plot(out: Path, runs: Sequence[RunResult], title: str) -> Path:
 
 def write_all(out: Path, runs: Sequence[RunResult], config: dict, title: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    return [write_json(out, runs, config), *write_csv(out, runs), write_plot(out, runs, title)]
+    plot = write_plot(out, runs, title)
+    return [write_json(out, runs, config), *write_csv(out, runs), *([plot] if plot is not None else [])]
