@@ -164,6 +164,28 @@ void sophia_step_(const std::vector<at::Tensor>& params, const std::vector<at::T
       static_cast<float>(weight_decay), static_cast<float>(eps), counter, current_stream()));
 }
 
+// outs[i]: where bufs[i]'s Newton–Schulz input goes (a contiguous slice of the bucket's stack), numel of bufs[i].
+void muon_momentum_stack_(const std::vector<at::Tensor>& bufs, const std::vector<at::Tensor>& grads,
+                          const std::vector<at::Tensor>& outs, double beta, bool nesterov) {
+  TORCH_CHECK(grads.size() == bufs.size() && outs.size() == bufs.size(),
+              "bufs, grads and outs must have the same length");
+  if (bufs.empty()) return;
+  const at::Tensor& first = bufs[0];
+  TensorList b = list_of(bufs, "bufs", first, nullptr);
+  TensorList g = list_of(grads, "grads", first, &bufs);
+  TensorList o = list_of(outs, "outs", first, nullptr);
+  std::vector<int64_t> numels;
+  for (size_t i = 0; i < bufs.size(); ++i) {
+    TORCH_CHECK(outs[i].numel() == bufs[i].numel(), "outs[", i, "] must have the ", bufs[i].numel(),
+                " elements of bufs[", i, "], got ", outs[i].sizes());
+    numels.push_back(bufs[i].numel());
+  }
+  const c10::cuda::CUDAGuard guard(first.device());
+  CHECK_CUDA_LAUNCH(fastoptim::launch_muon_momentum_stack(
+      b.ptrs.data(), b.dtype, g.ptrs.data(), g.dtype, o.ptrs.data(), o.dtype, numels.data(),
+      static_cast<int64_t>(numels.size()), static_cast<float>(beta), nesterov, current_stream()));
+}
+
 void hessian_ema_(const std::vector<at::Tensor>& hessians, const std::vector<at::Tensor>& estimates, double beta2) {
   TORCH_CHECK(estimates.size() == hessians.size(), "hessians and estimates must have the same length");
   if (hessians.empty()) return;
@@ -300,6 +322,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("cautious"));
   m.def("muon_momentum_", &muon_momentum_, "buf <- lerp(buf, grad, 1-beta); nesterov_out <- lerp(grad, buf, beta)",
         py::arg("buf"), py::arg("grad"), py::arg("nesterov_out"), py::arg("beta"));
+  m.def("muon_momentum_stack_", &muon_momentum_stack_,
+        "muon_momentum_ over a list of same-size matrices, Newton-Schulz inputs into one (P, m, n) stack",
+        py::arg("bufs"), py::arg("grads"), py::arg("outs"), py::arg("beta"), py::arg("nesterov"));
   m.def("normuon_step_", &normuon_step_, "NorMuon row normalization and step (in place on param, second_moment)",
         py::arg("param"), py::arg("update"), py::arg("second_moment"), py::arg("lr"), py::arg("weight_decay"),
         py::arg("beta2"), py::arg("eps"), py::arg("scale"), py::arg("cautious"));

@@ -22,6 +22,12 @@ namespace fastoptim {
 cudaError_t launch_muon_momentum(void* buf, DType buf_dtype, const void* grad, DType grad_dtype, void* nesterov_out,
                                  int64_t numel, float beta, cudaStream_t stream);
 
+// muon_momentum over `count` contiguous tensors (bufs of buf_dtype, grads of grad_dtype), each writing its
+// Newton–Schulz input into outs[i] (out_dtype; a slice of one stack).
+cudaError_t launch_muon_momentum_stack(void* const* bufs, DType buf_dtype, void* const* grads, DType grad_dtype,
+                                       void* const* outs, DType out_dtype, const int64_t* numels, int64_t count,
+                                       float beta, bool nesterov, cudaStream_t stream);
+
 // NorMuon on a contiguous (batch, m, n) stack; second_moment (batch*m) fp32; norms: 2*batch fp32, zeroed.
 cudaError_t launch_normuon_step(void* param, DType param_dtype, const void* update, DType update_dtype,
                                 float* second_moment, float* norms, int64_t batch, int64_t m, int64_t n,

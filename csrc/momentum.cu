@@ -3,6 +3,10 @@
 //   buf <- lerp(buf, grad, 1 - beta);  nesterov_out <- lerp(grad, buf, beta)   (if requested)
 //
 // Bytes per element: read buf and grad, write buf (and nesterov_out): 2 sizeof(B) + sizeof(G) (+ sizeof(B)).
+//
+// muon_momentum_stack_: the same for P matrices of one shape bucket in one multi-tensor launch, writing
+// each Newton–Schulz input (Nesterov combination, or the new buffer) into its slice of one (P, m, n)
+// stack of dtype O: 2 sizeof(B) + sizeof(G) + sizeof(O) per element, no temporary, no copy.
 
 #include <cuda_runtime.h>
 
@@ -10,6 +14,7 @@
 
 #include "common.cuh"
 #include "launchers.h"
+#include "multi_tensor.cuh"
 
 namespace fastoptim {
 namespace {
@@ -27,7 +32,45 @@ __global__ void muon_momentum_kernel(B* __restrict__ buf, const G* __restrict__ 
   }
 }
 
+template <typename B, typename G, typename O>
+__global__ void muon_momentum_stack_kernel(TensorTable table, float beta, bool nesterov) {
+  const int t = table.block_tensor[blockIdx.x];
+  const int64_t start = static_cast<int64_t>(table.block_chunk[blockIdx.x]) * kChunk;
+  const int64_t end = min(start + kChunk, table.numel[t]);
+  B* buf = static_cast<B*>(table.ptr[0][t]);
+  const G* grad = static_cast<const G*>(table.ptr[1][t]);
+  O* out = static_cast<O*>(table.ptr[2][t]);
+  for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
+    const float g = to_float(from_float<B>(to_float(grad[i])));
+    const B updated = from_float<B>(lerp(to_float(buf[i]), g, 1.0f - beta));
+    buf[i] = updated;
+    // As the reference: the Nesterov value is rounded to buf's dtype, then cast to the stack's.
+    const B ns_input = nesterov ? from_float<B>(lerp(g, to_float(updated), beta)) : updated;
+    out[i] = from_float<O>(to_float(ns_input));
+  }
+}
+
 }  // namespace
+
+cudaError_t launch_muon_momentum_stack(void* const* bufs, DType buf_dtype, void* const* grads, DType grad_dtype,
+                                       void* const* outs, DType out_dtype, const int64_t* numels, int64_t count,
+                                       float beta, bool nesterov, cudaStream_t stream) {
+  void* const* lists[3] = {bufs, grads, outs};
+  constexpr int kStackThreads = 512;
+  return dispatch_dtype(buf_dtype, [&](auto b_tag) {
+    using B = decltype(b_tag);
+    return dispatch_dtype(grad_dtype, [&](auto g_tag) {
+      using G = decltype(g_tag);
+      return dispatch_dtype(out_dtype, [&](auto o_tag) {
+        using O = decltype(o_tag);
+        return for_each_table(lists, 3, numels, count, [&](const TensorTable& table, int blocks) {
+          muon_momentum_stack_kernel<B, G, O><<<blocks, kStackThreads, 0, stream>>>(table, beta, nesterov);
+          return cudaGetLastError();
+        });
+      });
+    });
+  });
+}
 
 cudaError_t launch_muon_momentum(void* buf, DType buf_dtype, const void* grad, DType grad_dtype, void* nesterov_out,
                                  int64_t numel, float beta, cudaStream_t stream) {

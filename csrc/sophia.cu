@@ -14,22 +14,12 @@
 
 #include "common.cuh"
 #include "launchers.h"
+#include "multi_tensor.cuh"
 
 namespace fastoptim {
 namespace {
 
-constexpr int kMaxTensors = 24;
-constexpr int kMaxBlocks = 320;
-constexpr int64_t kChunk = 1 << 16;
 constexpr int kThreads = 512;
-
-// 4 pointer lists x 24 + 24 sizes + 320 (tensor, chunk) pairs = 2.6 KB, under the 4 KB argument limit.
-struct TensorTable {
-  void* ptr[4][kMaxTensors];
-  int64_t numel[kMaxTensors];
-  unsigned char block_tensor[kMaxBlocks];
-  int block_chunk[kMaxBlocks];
-};
 
 template <typename P, typename S>
 __global__ void sophia_step_kernel(TensorTable table, float decay, float lr, float beta1, float rho, float eps,
@@ -66,43 +56,6 @@ __global__ void hessian_ema_kernel(TensorTable table, float beta2) {
   for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
     hessian[i] = from_float<S>(lerp(to_float(hessian[i]), to_float(estimate[i]), 1.0f - beta2));
   }
-}
-
-// Fills tables tensor by tensor, chunk by chunk, and calls launch(table, blocks) whenever a table is full.
-template <typename Launch>
-cudaError_t for_each_table(void* const* const* lists, int depth, const int64_t* numels, int64_t count,
-                           Launch&& launch) {
-  TensorTable table;
-  int tensors = 0;
-  int blocks = 0;
-  for (int64_t t = 0; t < count; ++t) {
-    if (numels[t] == 0) continue;
-    for (int d = 0; d < depth; ++d) table.ptr[d][tensors] = lists[d][t];
-    table.numel[tensors] = numels[t];
-    const int64_t chunks = (numels[t] + kChunk - 1) / kChunk;
-    for (int64_t c = 0; c < chunks; ++c) {
-      table.block_tensor[blocks] = static_cast<unsigned char>(tensors);
-      table.block_chunk[blocks] = static_cast<int>(c);
-      ++blocks;
-      const bool last_chunk = c == chunks - 1;
-      if (blocks == kMaxBlocks || (last_chunk && tensors + 1 == kMaxTensors)) {
-        cudaError_t err = launch(table, blocks);
-        if (err != cudaSuccess) return err;
-        blocks = 0;
-        if (!last_chunk) {
-          // The rest of this tensor goes on in the next table, as its first entry.
-          for (int d = 0; d < depth; ++d) table.ptr[d][0] = table.ptr[d][tensors];
-          table.numel[0] = table.numel[tensors];
-          tensors = 0;
-        } else {
-          tensors = -1;
-        }
-      }
-    }
-    ++tensors;
-  }
-  if (blocks > 0) return launch(table, blocks);
-  return cudaSuccess;
 }
 
 }  // namespace

@@ -200,3 +200,23 @@ def test_newton_schulz_cuda_symmetric_path_matches_cublas_path(shape, monkeypatc
     symmetric = fastoptim.newton_schulz(G, backend="cuda")
     exact = fastoptim.newton_schulz(G.double(), compute_dtype=torch.float64, backend="torch")
     assert (symmetric.double() - exact).norm() <= 2 * (cublas.double() - exact).norm() + 1e-6
+
+
+@pytest.mark.parametrize("buf_dtype", DTYPES)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_muon_momentum_stack_cuda_matches_torch(buf_dtype, out_dtype, nesterov):
+    # 30 matrices: more than one table (24 tensors); 300 x 300 = 90000 elements: two chunks each.
+    shapes = [(300, 300)] * 29 + [(300, 3, 100)]
+    bufs = [torch.randn(s, device="cuda", dtype=buf_dtype) for s in shapes]
+    grads = [torch.randn(s, device="cuda", dtype=buf_dtype) for s in shapes]
+    grads[3] = grads[3].float()  # a second dtype group
+    expected_bufs = [b.clone() for b in bufs]
+    out = torch.full((30, 300, 300), float("nan"), device="cuda", dtype=out_dtype)
+    expected = torch.empty_like(out)
+    fastoptim.muon_momentum_stack_(expected_bufs, grads, expected, 0.9, nesterov, backend="torch")
+    fastoptim.muon_momentum_stack_(bufs, grads, out, 0.9, nesterov, backend="cuda")
+    tol = max(TOLERANCE[buf_dtype], TOLERANCE[out_dtype])
+    for a, b in zip(bufs, expected_bufs):
+        torch.testing.assert_close(a, b, rtol=TOLERANCE[buf_dtype], atol=TOLERANCE[buf_dtype])
+    torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)

@@ -98,6 +98,8 @@ def opcheck_cases():
         (ops._newton_schulz_op, (torch.randn(7, 5), [3.4445, -4.775, 2.0315], 1.01, 1e-7, torch.bfloat16, "torch")),
         (ops._muon_momentum_op, (torch.randn(4, 6), torch.randn(4, 6), torch.empty(4, 6), 0.9, "torch")),
         (ops._muon_momentum_op, (torch.randn(4, 6), torch.randn(4, 6), None, 0.9, "torch")),
+        (ops._muon_momentum_stack_op, ([torch.randn(4, 6), torch.randn(2, 12)], [torch.randn(4, 6), torch.randn(2, 12)],
+                                       torch.empty(2, 4, 6), 0.9, True, "torch")),
         (ops._muon_apply_op, (p.clone(), u, 0.1, 0.01, 2.0, True, "torch")),
         (ops._normuon_step_op, (p.clone(), u, torch.rand(2, 4), 0.1, 0.01, 0.95, 1e-8, 1.0, True, "torch")),
         (ops._sophia_step_op, ([t.clone() for t in lists], [torch.randn_like(t) for t in lists],
@@ -114,7 +116,9 @@ def test_opcheck(case):
 
 
 def test_ops_are_registered_under_fastoptim_namespace():
-    for name in ("newton_schulz", "muon_momentum_", "muon_apply_", "normuon_step_", "sophia_step_", "hessian_ema_"):
+    names = ("newton_schulz", "muon_momentum_", "muon_momentum_stack_", "muon_apply_", "normuon_step_",
+             "sophia_step_", "hessian_ema_")
+    for name in names:
         assert hasattr(torch.ops.fastoptim, name)
 
 

@@ -147,6 +147,33 @@ def test_device_mismatch_is_checked_on_meta():
         fastoptim.sophia_step_([torch.randn(2), torch.empty(2, device="meta")], *[[torch.randn(2)] * 2] * 3, lr=0.1)
 
 
+STACK_CASES = [
+    # (overrides, exception, text)
+    ({"out": torch.empty(2, 4, 6)}, ValueError, "out"),  # one matrix per buf
+    ({"out": torch.empty(3, 4, 5)}, ValueError, "bufs[0]"),  # m·n differs
+    ({"out": torch.empty(3, 6, 4).mT}, ValueError, "contiguous"),
+    ({"out": torch.empty(3, 24)}, ValueError, "out"),
+    ({"grads": [torch.randn(4, 6)] * 2}, ValueError, "grads"),
+    ({"grads": [torch.randn(4, 6), torch.randn(6, 4), torch.randn(4, 6)]}, ValueError, "grads[1]"),
+    ({"bufs": [torch.zeros(4, 6, dtype=torch.int32)] * 3}, TypeError, "bufs[0]"),
+    ({"beta": 1.0}, ValueError, "beta"),
+    ({"nesterov": "yes"}, TypeError, "nesterov"),
+]
+
+
+@pytest.mark.parametrize("overrides, exception, text", STACK_CASES)
+def test_muon_momentum_stack_bad_input(overrides, exception, text):
+    kwargs = dict(bufs=[torch.randn(4, 6) for _ in range(3)], grads=[torch.randn(4, 6) for _ in range(3)],
+                  out=torch.zeros(3, 4, 6), beta=0.9, nesterov=True)
+    kwargs.update(overrides)
+    before = [t.clone() for t in kwargs["bufs"]] + [kwargs["out"].clone()]
+    with pytest.raises(exception) as info:
+        fastoptim.muon_momentum_stack_(**kwargs)
+    assert text in str(info.value)
+    for t, b in zip(kwargs["bufs"] + [kwargs["out"]], before):
+        assert torch.equal(t, b)
+
+
 def test_lists_of_unequal_length_in_hessian_ema():
     with pytest.raises(ValueError, match="estimates"):
         fastoptim.hessian_ema_([torch.rand(2)], [], 0.9)

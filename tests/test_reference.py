@@ -249,3 +249,20 @@ def test_hessian_ema_formula():
     fastoptim.hessian_ema_(hessians, estimates, 0.99, backend="torch")
     for got, want in zip(hessians, expected):
         torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_momentum_stack_formula(nesterov):
+    shapes = [(4, 6), (2, 3, 4), (24,)]  # any shape with m·n elements: conv kernels are read as matrices
+    bufs = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    grads = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    beta = 0.9
+    expected_bufs = [beta * b + (1 - beta) * g for b, g in zip(bufs, grads)]
+    expected_out = torch.stack([
+        ((1 - beta) * g + beta * b if nesterov else b).reshape(4, 6) for b, g in zip(expected_bufs, grads)
+    ])
+    out = torch.full((3, 4, 6), float("nan"), dtype=torch.float64)
+    fastoptim.muon_momentum_stack_(bufs, grads, out, beta, nesterov, backend="torch")
+    for got, want in zip(bufs, expected_bufs):
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(out, expected_out, rtol=1e-14, atol=1e-14)

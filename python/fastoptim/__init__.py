@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from . import backends, coefficients, ops, optim, reference
 from .backends import BackendUnavailableError
-from .ops import hessian_ema_, muon_apply_, muon_momentum_, newton_schulz, normuon_step_, sophia_step_
+from .ops import (
+    hessian_ema_,
+    muon_apply_,
+    muon_momentum_,
+    muon_momentum_stack_,
+    newton_schulz,
+    normuon_step_,
+    sophia_step_,
+)
 from .optim import Muon, NorMuon, SophiaG, SophiaH, param_groups, sophia_sampled_loss
 
 __version__ = "0.1.0"
@@ -24,6 +32,7 @@ __all__ = [
     "hessian_ema_",
     "muon_apply_",
     "muon_momentum_",
+    "muon_momentum_stack_",
     "newton_schulz",
     "normuon_step_",
     "ops",

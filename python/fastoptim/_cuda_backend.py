@@ -41,6 +41,13 @@ def muon_momentum_(buf, grad, nesterov_out, beta) -> None:
     _C.muon_momentum_(buf, grad, nesterov_out, beta)
 
 
+def muon_momentum_stack_(bufs, grads, out, beta, nesterov) -> None:
+    # The kernel takes bufs of one dtype and grads of one dtype: one launch per combination.
+    for index in _groups(bufs, grads):
+        outs = [out[i] for i in index]  # views: slices of the stack
+        _C.muon_momentum_stack_([bufs[i] for i in index], [grads[i] for i in index], outs, beta, nesterov)
+
+
 def normuon_step_(param, update, second_moment, lr, weight_decay, beta2, eps, scale, cautious) -> None:
     _C.normuon_step_(param, update, second_moment, lr, weight_decay, beta2, eps, scale, cautious)
 
@@ -118,6 +125,7 @@ def _normuon_support(param, update, second_moment, *_) -> str | None:
 
 OPS = {
     "newton_schulz": newton_schulz,
+    "muon_momentum_stack_": muon_momentum_stack_,
     "muon_apply_": muon_apply_,
     "muon_momentum_": muon_momentum_,
     "normuon_step_": normuon_step_,
@@ -128,6 +136,7 @@ SUPPORTS = {
     "newton_schulz": _newton_schulz_support,
     "muon_apply_": lambda param, update, *_: _support(param, update),
     "muon_momentum_": lambda buf, grad, nesterov_out, beta: _support(buf, grad, nesterov_out),
+    "muon_momentum_stack_": lambda bufs, grads, out, *_: _list_support(bufs, grads, [out]),
     "normuon_step_": _normuon_support,
     "sophia_step_": _sophia_support,
     "hessian_ema_": lambda hessians, estimates, beta2: _list_support(hessians, estimates),

@@ -32,6 +32,7 @@ def sophia_step_(params, grads, exp_avgs, hessians, unclipped_out, lr, beta1, rh
 OPS = {
     "newton_schulz": newton_schulz,
     "muon_momentum_": muon_momentum_,
+    "muon_momentum_stack_": reference.muon_momentum_stack_,
     "muon_apply_": reference.muon_apply_,
     "normuon_step_": reference.normuon_step_,
     "sophia_step_": sophia_step_,

@@ -51,6 +51,19 @@ def _(buf, grad, nesterov_out, beta, backend):
     return None
 
 
+@torch.library.custom_op("fastoptim::muon_momentum_stack_", mutates_args=("bufs", "out"))
+def _muon_momentum_stack_op(
+    bufs: list[Tensor], grads: list[Tensor], out: Tensor, beta: float, nesterov: bool, backend: str
+) -> None:
+    args = (bufs, grads, out, beta, nesterov)
+    backends.implementation("muon_momentum_stack_", backend, out.device, args)(*args)
+
+
+@_muon_momentum_stack_op.register_fake
+def _(bufs, grads, out, beta, nesterov, backend):
+    return None
+
+
 @torch.library.custom_op("fastoptim::muon_apply_", mutates_args=("param",))
 def _muon_apply_op(
     param: Tensor, update: Tensor, lr: float, weight_decay: float, scale: float, cautious: bool, backend: str
@@ -169,6 +182,41 @@ def muon_momentum_(
     with torch.no_grad():
         _muon_momentum_op(buf, grad, nesterov_out, beta, name)
     return nesterov_out if nesterov else buf
+
+
+def muon_momentum_stack_(
+    bufs: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    out: Tensor,
+    beta: float = 0.95,
+    nesterov: bool = True,
+    backend: str = "auto",
+) -> None:
+    """`muon_momentum_` for P same-size matrices at once, writing the Newton–Schulz inputs into the
+    (P, m, n) stack `out` (any floating dtype: e.g. the compute dtype). Each buf_i/grad_i may have any
+    shape with m·n elements (a conv kernel is read as its (out, -1) matrix). Mutates bufs and out."""
+    bufs = check.tensor_list("bufs", bufs)
+    grads = check.tensor_list("grads", grads)
+    check.matching_lists(("bufs", "grads"), (bufs, grads))
+    check.tensor("out", out, min_ndim=3)
+    if out.dim() != 3 or out.shape[0] != len(bufs):
+        raise ValueError(f"out must be a ({len(bufs)}, m, n) stack, one matrix per buf, got {tuple(out.shape)}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    size = out.shape[1] * out.shape[2]
+    for i, buf in enumerate(bufs):
+        if buf.numel() != size:
+            raise ValueError(f"bufs[{i}] must have out's m·n = {size} elements, got shape {tuple(buf.shape)}")
+        check.same_device(f"bufs[{i}]", buf, "out", out)
+    beta = check.beta("beta", beta)
+    nesterov = check.boolean("nesterov", nesterov)
+    if not bufs:
+        _backend_arg(backend)
+        return
+    args = (bufs, grads, out, beta, nesterov)
+    name = backends.eager_select("muon_momentum_stack_", _backend_arg(backend), out.device, args)
+    with torch.no_grad():
+        _muon_momentum_stack_op(bufs, grads, out, beta, nesterov, name)
 
 
 def _check_update_pair(param: Tensor, update: Tensor) -> None:
@@ -295,6 +343,7 @@ def hessian_ema_(
 __all__ = [
     "newton_schulz",
     "muon_momentum_",
+    "muon_momentum_stack_",
     "muon_apply_",
     "normuon_step_",
     "sophia_step_",

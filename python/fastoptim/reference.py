@@ -82,6 +82,19 @@ def muon_momentum_(buf: torch.Tensor, grad: torch.Tensor, beta: float, nesterov:
     return buf
 
 
+def muon_momentum_stack_(
+    bufs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], out: torch.Tensor, beta: float, nesterov: bool
+) -> None:
+    """`muon_momentum_` over a list of same-size matrices, writing the Newton–Schulz inputs into one
+    stack: for each i, buf_i <- lerp(buf_i, grad_i, 1 - beta) and
+    out[i] <- (lerp(grad_i, buf_i, beta) if nesterov else buf_i), viewed as out[i]'s (m, n) and cast
+    to out's dtype. This is how an optimizer fills the batched input of one shape bucket in one pass
+    (no per-matrix temporary, no copy)."""
+    for i, (buf, grad) in enumerate(zip(bufs, grads)):
+        ns_input = muon_momentum_(buf, grad, beta, nesterov)
+        out[i].copy_(ns_input.reshape(out.shape[1:]))
+
+
 def muon_apply_(
     param: torch.Tensor,
     update: torch.Tensor,

@@ -50,7 +50,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 from .. import _validation as check
 from .. import backends
 from ..coefficients import resolve
-from ..ops import muon_momentum_, newton_schulz
+from ..ops import muon_momentum_stack_, newton_schulz
 
 SCALE_MODES = ("original", "match_rms_adamw", "spectral")
 
@@ -363,17 +363,19 @@ class MatrixOptimizer(torch.optim.Optimizer):
         schedule = resolve(group["coefficients"], group["ns_steps"])
         for (m, n, dtype, device), params in buckets.items():
             blocks = row_blocks(group.get("split_sizes"), m)
-            # Momentum, written straight into the bucket's stack (one parameter's output alive at a time).
+            # Momentum of the whole bucket in one multi-tensor call, written straight into its stack.
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self._init_state(p, self.state[p], m)
             stacked = torch.empty((len(params), m, n), dtype=dtype, device=device)
-            for i, p in enumerate(params):
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    self._init_state(p, state, m)
-                ns_input = muon_momentum_(
-                    state["momentum_buffer"], p.grad, group["momentum"], group["nesterov"], group["backend"]
-                )
-                stacked[i].copy_(ns_input.reshape(m, n))
-                del ns_input
+            muon_momentum_stack_(
+                [self.state[p]["momentum_buffer"] for p in params],
+                [p.grad for p in params],
+                stacked,
+                group["momentum"],
+                group["nesterov"],
+                group["backend"],
+            )
             orthogonal = self._orthogonalize(stacked, blocks, schedule, group)
             del stacked
             for i, p in enumerate(params):

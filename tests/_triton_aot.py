@@ -1,0 +1,260 @@
+"""Compile every Triton kernel of fastoptim.triton_kernels for NVIDIA GPUs, without a GPU.
+
+Run by tests/test_triton_compile.py in a subprocess (TRITON_INTERPRET must be unset: the kernels
+are then real JIT functions). The launchers run on CPU (or meta) tensors exactly as they would on
+a GPU, but `JITFunction.run` is patched to compile for the chosen target instead of launching
+(`warmup=True`), and the CUDA driver is replaced by a stand-in that only names the target. So each
+kernel is compiled with the argument types (pointer dtypes, i32/i64 scalars, divisibility
+specializations), constexprs and num_warps/num_stages the launchers really produce; triton's own
+pipeline then runs through ptxas (bundled with triton) to a cubin.
+
+Prints a JSON line {"kernels": [...]} naming every kernel (JIT function named *_kernel) of the
+package, then one JSON line per distinct compiled kernel: target, kernel name, signature, constexprs,
+num_warps, num_stages, shared memory (bytes, from triton's metadata) and the registers, stack and
+spill bytes read from ptxas' report (`ptxas -v`, kept by TRITON_DUMP_PTXAS_LOG) or, for a kernel
+found in the cache, from `cuobjdump --dump-resource-usage` of the cubin; a kernel that fails to
+compile prints {"arch", "kernel", "constexprs", "error"} (and a launcher that raises otherwise
+{"arch", "family", "error"}), and the exit status is 1.
+
+    python tests/_triton_aot.py [--arch 90 --arch 80]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("unset TRITON_INTERPRET: the interpreter compiles nothing")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+# Streaming multiprocessors of an H100 SXM: the launcher sizes the norm reduction's partial sums
+# (a constexpr of the scale kernel) from the SM count of the GPU.
+H100_SMS = 132
+
+
+class _TargetDriver:
+    """What JITFunction.run asks of the active driver, for a GPU that is not there."""
+
+    def __init__(self) -> None:
+        self.target: GPUTarget | None = None
+
+    def get_current_device(self) -> int:
+        return self.target.arch  # JITFunction keys its per-device caches on this
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+
+_DRIVER = _TargetDriver()
+_RECORDS: dict[tuple, dict] = {}
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def _describe(value) -> object:
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return str(value)
+
+
+def _resources(kernel, ptxas_log: str) -> dict:
+    """Registers, stack frame and spill bytes of the kernel's cubin."""
+    regs = re.search(r"Used (\d+) registers", ptxas_log)
+    if regs:
+        stack = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log)
+        return {
+            "regs": int(regs.group(1)),
+            "stack": int(stack.group(1)),
+            "spill_stores": int(stack.group(2)),
+            "spill_loads": int(stack.group(3)),
+        }
+    cubin = kernel.metadata_group[f"{kernel.name}.cubin"]
+    usage = subprocess.run(
+        [os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", cubin], capture_output=True, text=True, check=True
+    ).stdout
+    fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
+    # cuobjdump has no spill counts: local memory (LOCAL) is where spills go.
+    return {"regs": int(fields["REG"]), "stack": int(fields["STACK"]), "spill_stores": None, "spill_loads": None,
+            "local": int(fields["LOCAL"])}
+
+
+def _compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
+    log = io.StringIO()
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log):
+            kernel = _original_run(self, *args, grid=grid, warmup=True, **kwargs)
+    except Exception as error:  # record it and go on: every failing kernel gets reported
+        constexprs = {name: _describe(value) for name, value in kwargs.items()}
+        key = (_DRIVER.target.arch, self.fn.__name__, str(constexprs), str(error))
+        _RECORDS[key] = {"arch": _DRIVER.target.arch, "kernel": self.fn.__name__, "constexprs": constexprs,
+                         "error": f"{type(error).__name__}: {error}"}
+        return None
+    seconds = time.perf_counter() - start
+    key = (_DRIVER.target.arch, kernel.hash)
+    if key not in _RECORDS:
+        meta = kernel.metadata
+        names = self.arg_names
+        _RECORDS[key] = {
+            "arch": _DRIVER.target.arch,
+            "kernel": self.fn.__name__,
+            "signature": {name: ty for name, ty in kernel.src.signature.items() if ty != "constexpr"},
+            "constexprs": {names[path[0]]: _describe(value) for path, value in kernel.src.constants.items()},
+            "attrs": {names[path[0]]: attr for path, attr in kernel.src.attrs.items()},
+            "num_warps": meta.num_warps,
+            "num_stages": meta.num_stages,
+            "shared": meta.shared,
+            "cubin_bytes": len(kernel.asm["cubin"]),
+            "compile_s": round(seconds, 3),
+            **_resources(kernel, log.getvalue()),
+        }
+    return kernel
+
+
+_original_run = JITFunction.run
+
+
+# --------------------------------------------------------------------------------------------------
+# Representative calls of every launcher
+
+
+def _newton_schulz_calls(ns) -> None:
+    from fastoptim.coefficients import resolve
+
+    schedule = resolve("jordan", 1)  # one step: every kernel of the iteration is launched once
+    # Meta tensors: the launcher's GPU path (no upcast for the interpreter) without memory. Per shape
+    # class of the config table (Gram size <= 64, <= 512, larger), wide and tall (their X Xᵀ / XᵀX
+    # kernels differ: the unit stride is another argument), plus sizes that are not multiples of 16
+    # (no divisibility hint: unvectorized loads, a different pipeline).
+    aligned = [(32, 96), (96, 32), (256, 768), (768, 256), (1024, 4096), (4096, 1024)]
+    unaligned = [(100, 300), (700, 2000)]
+    calls = [(dtype, shape) for dtype in (torch.float32, torch.bfloat16) for shape in aligned + unaligned]
+    calls += [(torch.float16, shape) for shape in aligned[::2]]  # fp16 takes bf16's path: wide only
+    for compute_dtype, (m, n) in calls:
+        ns._newton_schulz(torch.empty((4, m, n), device="meta"), schedule, 1e-7, compute_dtype)
+    # Other storage dtypes of G: 16-bit (the norm still in fp32) and fp64 (norm in fp64).
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        ns._newton_schulz(torch.empty((1, 256, 768), dtype=dtype, device="meta"), schedule, 1e-7, torch.bfloat16)
+    # One lone matrix: many partial sums for it (NUM_PARTIALS = 256).
+    ns._newton_schulz(torch.empty((8192, 8192), device="meta"), schedule, 1e-7, torch.bfloat16)
+
+
+def _muon_calls(muon) -> None:
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    numel = 4096
+    for buf_dtype in dtypes:
+        for grad_dtype in dtypes:
+            for nesterov in (False, True):
+                buf = torch.zeros(numel, dtype=buf_dtype)
+                out = torch.empty(numel, dtype=buf_dtype) if nesterov else None
+                muon.muon_momentum_(buf, torch.zeros(numel, dtype=grad_dtype), out, 0.95)
+    for param_dtype in dtypes:
+        for update_dtype in dtypes:
+            for cautious in (False, True):
+                param = torch.zeros(numel, dtype=param_dtype)
+                muon.muon_apply_(param, torch.zeros(numel, dtype=update_dtype), 0.02, 0.1, 1.0, cautious)
+    # Past 2^31 elements the element count is an int64 argument.
+    huge = 2**31 + 16
+    muon.muon_momentum_(torch.empty(huge, device="meta"), torch.empty(huge, device="meta"), None, 0.95)
+    muon.muon_apply_(torch.empty(huge, device="meta"), torch.empty(huge, device="meta"), 0.02, 0.1, 1.0, False)
+
+
+def _normuon_calls(normuon) -> None:
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    # Tiles (row stats = apply): (1, 1), (8, 4), (64, 64), (256, 16), (16, 256), (8, 1) with n = 0
+    # (row stats only), and (4, 1024) with 16384 row tiles per matrix (a 1024-wide norm reduction).
+    shapes = [(1, 1), (7, 3), (64, 64), (4096, 16), (300, 200), (5, 0), (65536, 1024)]
+    # (param, update, v) dtypes: fp32 with and without cautious decay, and bf16 for every shape;
+    # the other storage combinations on two shapes.
+    calls = [(shape, (f32, f32, f32), cautious) for shape in shapes for cautious in (False, True)]
+    calls += [(shape, (bf16, bf16, f32), False) for shape in shapes]
+    calls += [(shape, storage, True) for shape in [(64, 64), (300, 200)]
+              for storage in [(bf16, bf16, bf16), (f16, f32, f16), (f32, bf16, f32)]]
+    for (m, n), (param_dtype, update_dtype, v_dtype), cautious in calls:
+        param = torch.empty((2, m, n), dtype=param_dtype, device="meta")
+        update = torch.empty((2, m, n), dtype=update_dtype, device="meta")
+        v = torch.empty((2, m), dtype=v_dtype, device="meta")
+        normuon.normuon_step_(param, update, v, 0.02, 0.1, 0.95, 1e-8, 1.0, cautious)
+
+
+def _sophia_calls(sophia) -> None:
+    def tensors(dtype, misaligned):
+        # CPU tensors: the launcher reads their addresses; a one-element offset breaks 16-byte alignment.
+        sizes = (5000, 40000, 1)
+        return [torch.zeros(size + 1, dtype=dtype)[1:] if misaligned else torch.zeros(size, dtype=dtype)
+                for size in sizes]
+
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    groups = [(f32, f32, f32, f32), (bf16, bf16, f32, f32), (bf16, bf16, bf16, bf16), (f16, f16, f16, f16),
+              (f32, bf16, f32, bf16)]
+    # Every dtype group aligned or not, with the unclipped count; without it for fp32 only.
+    calls = [(dtypes, misaligned, True) for dtypes in groups for misaligned in (False, True)]
+    calls += [(groups[0], misaligned, False) for misaligned in (False, True)]
+    for dtypes, misaligned, count in calls:
+        lists = [tensors(dtype, misaligned) for dtype in dtypes]
+        out = torch.empty((), dtype=f32) if count else None
+        sophia.sophia_step_(*lists, out, 1e-4, 0.965, 0.04, 0.1, 1e-15)
+    for dtypes in [(f32, f32), (bf16, bf16), (f32, bf16), (f16, f32)]:
+        for misaligned in (False, True):
+            sophia.hessian_ema_(*(tensors(dtype, misaligned) for dtype in dtypes), 0.99)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (default: 90 and 80)")
+    parser.add_argument("--only", action="append", help="newton_schulz, muon, normuon or sophia (default: all)")
+    options = parser.parse_args()
+
+    from triton import knobs
+
+    knobs.nvidia.dump_ptxas_log = True  # printed (captured above) only when ptxas runs
+    driver.set_active(_DRIVER)
+    JITFunction.run = _compile_instead_of_launch
+
+    from fastoptim.triton_kernels import muon, newton_schulz, normuon, sophia
+
+    newton_schulz._target_programs = lambda device: newton_schulz._REDUCTION_PROGRAMS_PER_SM * H100_SMS
+    families = {
+        "newton_schulz": lambda: _newton_schulz_calls(newton_schulz),
+        "muon": lambda: _muon_calls(muon),
+        "normuon": lambda: _normuon_calls(normuon),
+        "sophia": lambda: _sophia_calls(sophia),
+    }
+    modules = [newton_schulz.kernels, muon, normuon, sophia]
+    kernels = sorted(
+        name for module in modules for name, value in vars(module).items()
+        if isinstance(value, JITFunction) and name.endswith("_kernel")
+    )
+    print(json.dumps({"kernels": kernels}))  # every launchable kernel, to check that none was missed
+    failures = 0
+    for arch in options.arch or (90, 80):
+        _DRIVER.target = GPUTarget("cuda", arch, 32)
+        for name in options.only or families:
+            try:
+                families[name]()
+            except Exception as error:  # report every family, then fail
+                failures += 1
+                print(json.dumps({"arch": arch, "family": name, "error": f"{type(error).__name__}: {error}"}))
+    for record in _RECORDS.values():
+        print(json.dumps(record))
+        failures += "error" in record
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

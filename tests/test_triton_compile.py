@@ -1,0 +1,95 @@
+"""Every Triton kernel compiles for real NVIDIA GPUs (sm_90 and sm_80), on a machine without one.
+
+The other Triton tests run the kernels in the interpreter, which accepts code the GPU compiler
+rejects. Here tests/_triton_aot.py runs each launcher in a subprocess without TRITON_INTERPRET,
+with the launch replaced by an ahead-of-time compilation for the target (triton's own pipeline,
+down to a cubin by the ptxas bundled with triton), so each kernel is compiled with the argument
+types, constexprs and num_warps/num_stages the launchers really produce: every block config of
+the newton_schulz table (fp32, bf16, fp16; wide and tall; sizes multiple of 16 or not), the
+normuon tiles, the sophia / hessian_ema dtype groups aligned or not, muon with and without
+Nesterov output and cautious decay. No CUDA driver is needed: a stand-in driver names the target.
+
+The compiled kernels must fit the GPU: shared memory within the per-block limit and registers
+within the register file. Registers, spills and shared memory per kernel are printed (`-s`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+HELPER = pathlib.Path(__file__).with_name("_triton_aot.py")
+ROOT = HELPER.parents[1]
+ARCHES = (90, 80)
+# Opt-in dynamic shared memory per block (bytes): 227 KB on H100, 163 KB on A100.
+MAX_SHARED = {90: 227 * 1024, 80: 163 * 1024}
+REGISTERS_PER_SM = 65536
+TIMEOUT_S = 600
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict[int, tuple[int, list[dict], list[str], str]]:
+    """arch -> (exit status, records of the compiled kernels, names of all kernels, stderr)."""
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("triton has no NVIDIA backend")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
+    # One process per target, in parallel (compilation is single-threaded).
+    processes = {
+        arch: subprocess.Popen(
+            [sys.executable, str(HELPER), "--arch", str(arch)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for arch in ARCHES
+    }
+    results = {}
+    for arch, process in processes.items():
+        try:
+            stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+        lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+        kernels = next((line["kernels"] for line in lines if "kernels" in line), [])
+        records = [line for line in lines if "kernels" not in line]
+        results[arch] = (process.returncode, records, kernels, stderr)
+    return results
+
+
+def _table(records: list[dict]) -> str:
+    rows = []
+    for r in records:
+        pointers = ",".join(ty.lstrip("*") for name, ty in r["signature"].items() if ty.startswith("*"))
+        constexprs = " ".join(f"{name}={value}" for name, value in r["constexprs"].items())
+        rows.append(
+            f"{r['kernel']:<26} w{r['num_warps']} s{r['num_stages']} regs {r['regs']:>3} "
+            f"spill {r['spill_stores'] if r['spill_stores'] is not None else r['local']:>4} "
+            f"smem {r['shared']:>6}  [{pointers}] {constexprs}"
+        )
+    return "\n".join(rows)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_every_kernel_compiles(compiled, arch):
+    status, records, kernels, stderr = compiled[arch]
+    errors = [r for r in records if "error" in r]
+    assert not errors, "\n".join(json.dumps(r) for r in errors)
+    assert status == 0, stderr[-4000:]
+    assert kernels, "the helper listed no kernels"
+    assert not set(kernels) - {r["kernel"] for r in records}, "kernels never launched by the representative calls"
+    print(f"\nsm_{arch}: {len(records)} distinct kernels compiled\n{_table(records)}")
+    spilling = [r for r in records if r["spill_stores"] or r.get("local")]
+    if spilling:
+        print(f"sm_{arch}: {len(spilling)} kernels spill registers (slower, but they launch):\n{_table(spilling)}")
+    for r in records:
+        assert r["cubin_bytes"] > 0, r
+        assert r["shared"] <= MAX_SHARED[arch], f"{r['kernel']} needs {r['shared']} bytes of shared memory: {r}"
+        threads = r["num_warps"] * 32
+        assert threads <= 1024 and r["regs"] * threads <= REGISTERS_PER_SM, f"{r['kernel']} cannot launch: {r}"
