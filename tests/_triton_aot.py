@@ -11,7 +11,7 @@ pipeline then runs through ptxas (bundled with triton) to a cubin.
 Prints a JSON line {"kernels": [...]} naming every kernel (JIT function named *_kernel) of the
 package, then one JSON line per distinct compiled kernel: target, kernel name, signature, constexprs,
 num_warps, num_stages, shared memory (bytes, from triton's metadata) and the registers, stack and
-spill bytes read from ptxas' report (`ptxas -v`, kept by TRITON_DUMP_PTXAS_LOG) or, for a kernel
+spill bytes read from ptxas' report (`ptxas -v`, printed by triton under knobs.nvidia.dump_ptxas_log) or, for a kernel
 found in the cache, from `cuobjdump --dump-resource-usage` of the cubin; a kernel that fails to
 compile prints {"arch", "kernel", "constexprs", "error"} (and a launcher that raises otherwise
 {"arch", "family", "error"}), and the exit status is 1.
@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import json
 import os
+import pkgutil
 import re
 import subprocess
 import sys
@@ -63,6 +65,7 @@ class _TargetDriver:
 
 _DRIVER = _TargetDriver()
 _RECORDS: dict[tuple, dict] = {}
+_CALL = [""]  # the launcher call being compiled, for the report
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
@@ -102,8 +105,8 @@ def _compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
     except Exception as error:  # record it and go on: every failing kernel gets reported
         constexprs = {name: _describe(value) for name, value in kwargs.items()}
         key = (_DRIVER.target.arch, self.fn.__name__, str(constexprs), str(error))
-        _RECORDS[key] = {"arch": _DRIVER.target.arch, "kernel": self.fn.__name__, "constexprs": constexprs,
-                         "error": f"{type(error).__name__}: {error}"}
+        _RECORDS[key] = {"arch": _DRIVER.target.arch, "kernel": self.fn.__name__, "call": _CALL[0],
+                         "constexprs": constexprs, "error": f"{type(error).__name__}: {error}"}
         return None
     seconds = time.perf_counter() - start
     key = (_DRIVER.target.arch, kernel.hash)
@@ -113,6 +116,7 @@ def _compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
         _RECORDS[key] = {
             "arch": _DRIVER.target.arch,
             "kernel": self.fn.__name__,
+            "call": _CALL[0],
             "signature": {name: ty for name, ty in kernel.src.signature.items() if ty != "constexpr"},
             "constexprs": {names[path[0]]: _describe(value) for path, value in kernel.src.constants.items()},
             "attrs": {names[path[0]]: attr for path, attr in kernel.src.attrs.items()},
@@ -133,45 +137,74 @@ _original_run = JITFunction.run
 # Representative calls of every launcher
 
 
+def _call(description: str, launcher, *args) -> None:
+    _CALL[0] = description
+    launcher(*args)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _newton_schulz_calls(ns) -> None:
     from fastoptim.coefficients import resolve
 
     schedule = resolve("jordan", 1)  # one step: every kernel of the iteration is launched once
-    # Meta tensors: the launcher's GPU path (no upcast for the interpreter) without memory. Per shape
-    # class of the config table (Gram size <= 64, <= 512, larger), wide and tall (their X Xᵀ / XᵀX
-    # kernels differ: the unit stride is another argument), plus sizes that are not multiples of 16
-    # (no divisibility hint: unvectorized loads, a different pipeline).
-    aligned = [(32, 96), (96, 32), (256, 768), (768, 256), (1024, 4096), (4096, 1024)]
-    unaligned = [(100, 300), (700, 2000)]
+    # Meta tensors: the launcher's GPU path (no upcast for the interpreter) without memory; their
+    # addresses are 0 plus the views' offsets, as on a GPU. Per shape class of the config table
+    # (Gram size <= 64, <= 512, larger), wide and tall (their X Xᵀ / XᵀX differ: the unit stride
+    # is another argument), plus Gram sizes that are not multiples of 16 (no divisibility hints,
+    # and odd workspace offsets: unvectorized loads, a different pipeline).
+    aligned = [(4, 32, 96), (4, 96, 32), (4, 256, 768), (4, 768, 256), (4, 1024, 4096), (4, 4096, 1024)]
+    unaligned = [(3, 99, 300), (3, 701, 2000)]
     calls = [(dtype, shape) for dtype in (torch.float32, torch.bfloat16) for shape in aligned + unaligned]
     calls += [(torch.float16, shape) for shape in aligned[::2]]  # fp16 takes bf16's path: wide only
-    for compute_dtype, (m, n) in calls:
-        ns._newton_schulz(torch.empty((4, m, n), device="meta"), schedule, 1e-7, compute_dtype)
+    for compute_dtype, shape in calls:
+        G = torch.empty(shape, device="meta")
+        _call(f"newton_schulz {_name(compute_dtype)} {shape}", ns._newton_schulz, G, schedule, 1e-7, compute_dtype)
     # Other storage dtypes of G: 16-bit (the norm still in fp32) and fp64 (norm in fp64).
     for dtype in (torch.bfloat16, torch.float16, torch.float64):
-        ns._newton_schulz(torch.empty((1, 256, 768), dtype=dtype, device="meta"), schedule, 1e-7, torch.bfloat16)
+        G = torch.empty((1, 256, 768), dtype=dtype, device="meta")
+        _call(f"newton_schulz G {_name(dtype)}", ns._newton_schulz, G, schedule, 1e-7, torch.bfloat16)
     # One lone matrix: many partial sums for it (NUM_PARTIALS = 256).
-    ns._newton_schulz(torch.empty((8192, 8192), device="meta"), schedule, 1e-7, torch.bfloat16)
+    G = torch.empty((8192, 8192), device="meta")
+    _call("newton_schulz (8192, 8192)", ns._newton_schulz, G, schedule, 1e-7, torch.bfloat16)
 
 
 def _muon_calls(muon) -> None:
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    numel = 4096
-    for buf_dtype in dtypes:
-        for grad_dtype in dtypes:
-            for nesterov in (False, True):
-                buf = torch.zeros(numel, dtype=buf_dtype)
-                out = torch.empty(numel, dtype=buf_dtype) if nesterov else None
-                muon.muon_momentum_(buf, torch.zeros(numel, dtype=grad_dtype), out, 0.95)
-    for param_dtype in dtypes:
-        for update_dtype in dtypes:
-            for cautious in (False, True):
-                param = torch.zeros(numel, dtype=param_dtype)
-                muon.muon_apply_(param, torch.zeros(numel, dtype=update_dtype), 0.02, 0.1, 1.0, cautious)
+    calls = [(4096, first, second) for first in dtypes for second in dtypes]
+    calls += [(4097, dtype, dtype) for dtype in dtypes[:2]]  # an element count not a multiple of 16
+    for numel, buf_dtype, grad_dtype in calls:
+        for nesterov in (False, True):
+            buf = torch.zeros(numel, dtype=buf_dtype)
+            out = torch.empty(numel, dtype=buf_dtype) if nesterov else None
+            description = f"muon_momentum_ {numel} {_name(buf_dtype)} {_name(grad_dtype)} nesterov={nesterov}"
+            _call(description, muon.muon_momentum_, buf, torch.zeros(numel, dtype=grad_dtype), out, 0.95)
+    for numel, param_dtype, update_dtype in calls:
+        for cautious in (False, True):
+            param, update = torch.zeros(numel, dtype=param_dtype), torch.zeros(numel, dtype=update_dtype)
+            description = f"muon_apply_ {numel} {_name(param_dtype)} {_name(update_dtype)} cautious={cautious}"
+            _call(description, muon.muon_apply_, param, update, 0.02, 0.1, 1.0, cautious)
     # Past 2^31 elements the element count is an int64 argument.
-    huge = 2**31 + 16
-    muon.muon_momentum_(torch.empty(huge, device="meta"), torch.empty(huge, device="meta"), None, 0.95)
-    muon.muon_apply_(torch.empty(huge, device="meta"), torch.empty(huge, device="meta"), 0.02, 0.1, 1.0, False)
+    huge = torch.empty(2**31 + 16, device="meta")
+    _call("muon_momentum_ 2^31+16", muon.muon_momentum_, huge, huge, None, 0.95)
+    _call("muon_apply_ 2^31+16", muon.muon_apply_, huge, huge, 0.02, 0.1, 1.0, False)
+
+
+def _muon_stack_calls(muon_stack) -> None:
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    # (buf, grad, stack) dtypes, Nesterov on and off, a bucket of three 64 x 96 matrices (every
+    # address 16-byte aligned) or of three 3 x 5 (the stack's slices are not: ALIGNED=False).
+    groups = [(f32, f32, f32), (f32, f32, bf16), (bf16, bf16, bf16), (f32, bf16, bf16), (f16, f16, f16)]
+    for dtypes in groups:
+        for nesterov in (False, True):
+            for m, n in [(64, 96), (3, 5)]:
+                bufs = [torch.zeros((m, n), dtype=dtypes[0]) for _ in range(3)]
+                grads = [torch.zeros((m, n), dtype=dtypes[1]) for _ in range(3)]
+                out = torch.empty((3, m, n), dtype=dtypes[2])
+                description = f"muon_momentum_stack_ {'/'.join(map(_name, dtypes))} {(3, m, n)} nesterov={nesterov}"
+                _call(description, muon_stack.muon_momentum_stack_, bufs, grads, out, 0.95, nesterov)
 
 
 def _normuon_calls(normuon) -> None:
@@ -185,11 +218,12 @@ def _normuon_calls(normuon) -> None:
     calls += [(shape, (bf16, bf16, f32), False) for shape in shapes]
     calls += [(shape, storage, True) for shape in [(64, 64), (300, 200)]
               for storage in [(bf16, bf16, bf16), (f16, f32, f16), (f32, bf16, f32)]]
-    for (m, n), (param_dtype, update_dtype, v_dtype), cautious in calls:
-        param = torch.empty((2, m, n), dtype=param_dtype, device="meta")
-        update = torch.empty((2, m, n), dtype=update_dtype, device="meta")
-        v = torch.empty((2, m), dtype=v_dtype, device="meta")
-        normuon.normuon_step_(param, update, v, 0.02, 0.1, 0.95, 1e-8, 1.0, cautious)
+    for (m, n), dtypes, cautious in calls:
+        param = torch.empty((2, m, n), dtype=dtypes[0], device="meta")
+        update = torch.empty((2, m, n), dtype=dtypes[1], device="meta")
+        v = torch.empty((2, m), dtype=dtypes[2], device="meta")
+        description = f"normuon_step_ {(2, m, n)} {'/'.join(map(_name, dtypes))} cautious={cautious}"
+        _call(description, normuon.normuon_step_, param, update, v, 0.02, 0.1, 0.95, 1e-8, 1.0, cautious)
 
 
 def _sophia_calls(sophia) -> None:
@@ -208,16 +242,20 @@ def _sophia_calls(sophia) -> None:
     for dtypes, misaligned, count in calls:
         lists = [tensors(dtype, misaligned) for dtype in dtypes]
         out = torch.empty((), dtype=f32) if count else None
-        sophia.sophia_step_(*lists, out, 1e-4, 0.965, 0.04, 0.1, 1e-15)
+        description = f"sophia_step_ {'/'.join(map(_name, dtypes))} misaligned={misaligned} count={count}"
+        _call(description, sophia.sophia_step_, *lists, out, 1e-4, 0.965, 0.04, 0.1, 1e-15)
     for dtypes in [(f32, f32), (bf16, bf16), (f32, bf16), (f16, f32)]:
         for misaligned in (False, True):
-            sophia.hessian_ema_(*(tensors(dtype, misaligned) for dtype in dtypes), 0.99)
+            description = f"hessian_ema_ {'/'.join(map(_name, dtypes))} misaligned={misaligned}"
+            _call(description, sophia.hessian_ema_, *(tensors(dtype, misaligned) for dtype in dtypes), 0.99)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (default: 90 and 80)")
-    parser.add_argument("--only", action="append", help="newton_schulz, muon, normuon or sophia (default: all)")
+    parser.add_argument(
+        "--only", action="append", help="a family: newton_schulz, muon, muon_stack, normuon, sophia (default: all)"
+    )
     options = parser.parse_args()
 
     from triton import knobs
@@ -226,19 +264,23 @@ def main() -> None:
     driver.set_active(_DRIVER)
     JITFunction.run = _compile_instead_of_launch
 
-    from fastoptim.triton_kernels import muon, newton_schulz, normuon, sophia
+    import fastoptim.triton_kernels as package
+    from fastoptim.triton_kernels import muon, muon_stack, newton_schulz, normuon, sophia
 
     newton_schulz._target_programs = lambda device: newton_schulz._REDUCTION_PROGRAMS_PER_SM * H100_SMS
     families = {
         "newton_schulz": lambda: _newton_schulz_calls(newton_schulz),
         "muon": lambda: _muon_calls(muon),
+        "muon_stack": lambda: _muon_stack_calls(muon_stack),
         "normuon": lambda: _normuon_calls(normuon),
         "sophia": lambda: _sophia_calls(sophia),
     }
-    modules = [newton_schulz.kernels, muon, normuon, sophia]
+    # Every module of the package, so that a kernel added later and not launched here shows.
+    names = [info.name for info in pkgutil.iter_modules(package.__path__)]
+    modules = [importlib.import_module(f"{package.__name__}.{name}") for name in names]
     kernels = sorted(
-        name for module in modules for name, value in vars(module).items()
-        if isinstance(value, JITFunction) and name.endswith("_kernel")
+        {name for module in modules for name, value in vars(module).items()
+         if isinstance(value, JITFunction) and name.endswith("_kernel")}
     )
     print(json.dumps({"kernels": kernels}))  # every launchable kernel, to check that none was missed
     failures = 0

@@ -6,8 +6,9 @@ with the launch replaced by an ahead-of-time compilation for the target (triton'
 down to a cubin by the ptxas bundled with triton), so each kernel is compiled with the argument
 types, constexprs and num_warps/num_stages the launchers really produce: every block config of
 the newton_schulz table (fp32, bf16, fp16; wide and tall; sizes multiple of 16 or not), the
-normuon tiles, the sophia / hessian_ema dtype groups aligned or not, muon with and without
-Nesterov output and cautious decay. No CUDA driver is needed: a stand-in driver names the target.
+normuon tiles, the sophia / hessian_ema / muon_momentum_stack_ dtype groups aligned or not, muon
+with and without Nesterov output and cautious decay; every kernel of the package must be among
+them. No CUDA driver is needed: a stand-in driver names the target.
 
 The compiled kernels must fit the GPU: shared memory within the per-block limit and registers
 within the register file. Registers, spills and shared memory per kernel are printed (`-s`).
@@ -64,14 +65,13 @@ def compiled(tmp_path_factory) -> dict[int, tuple[int, list[dict], list[str], st
 
 
 def _table(records: list[dict]) -> str:
-    rows = []
+    rows = [f"{'kernel':<26} {'warps':>5} {'stages':>6} {'regs':>4} {'spill':>5} {'smem':>6}  first call; constexprs"]
     for r in records:
-        pointers = ",".join(ty.lstrip("*") for name, ty in r["signature"].items() if ty.startswith("*"))
+        spill = r["spill_stores"] if r["spill_stores"] is not None else r["local"]
         constexprs = " ".join(f"{name}={value}" for name, value in r["constexprs"].items())
         rows.append(
-            f"{r['kernel']:<26} w{r['num_warps']} s{r['num_stages']} regs {r['regs']:>3} "
-            f"spill {r['spill_stores'] if r['spill_stores'] is not None else r['local']:>4} "
-            f"smem {r['shared']:>6}  [{pointers}] {constexprs}"
+            f"{r['kernel']:<26} {r['num_warps']:>5} {r['num_stages']:>6} {r['regs']:>4} {spill:>5} {r['shared']:>6}"
+            f"  {r['call']}; {constexprs}"
         )
     return "\n".join(rows)
 
