@@ -34,7 +34,7 @@ test: install
 	$(PY) -m pytest -q --benchmark-disable $(PYTEST_ARGS)
 
 lint: install
-	$(PY) -m ruff check python triton_kernels tests bench setup.py
+	$(PY) -m ruff check python triton_kernels tests bench examples setup.py
 
 clean:
 	rm -rf build *.egg-info python/*.egg-info python/fastoptim/_C*.so $(STAMP)
