@@ -61,9 +61,26 @@ def measure_seconds(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def versions() -> str:
+    """fastoptim, torch, triton and CUDA versions, for the results' header."""
+    import fastoptim
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return (
+        f"fastoptim {fastoptim.__version__}, torch {torch.__version__}, triton {triton_version}, "
+        f"CUDA {torch.version.cuda or 'none'}"
+    )
+
+
 def record(benchmark, ceilings: dict, *, flops: float | None = None, bytes_moved: float | None = None, **info):
     """Attach throughput and fraction-of-ceiling to a finished benchmark row."""
     info["device"] = ceilings["device"]
+    info["versions"] = versions()
     stats = getattr(benchmark, "stats", None)
     median = stats.stats.median if stats is not None and getattr(stats, "stats", None) else None
     info["median_s"] = median

@@ -38,10 +38,13 @@ def render(data: dict) -> str:
         f"- measured ceilings: bf16 matmul {_fmt(first_info.get('ceiling_matmul_tflops'), '.1f')} TFLOP/s, "
         f"device copy {_fmt(first_info.get('ceiling_copy_gbs'), '.0f')} GB/s",
         f"- date: {data.get('datetime', '?')}; python {machine.get('python_version', '?')}",
+        f"- versions: {first_info.get('versions', '?')}",
     ]
-    for key in ("versions",):
-        if key in data:
-            lines.append(f"- versions: {data[key]}")
+    if first_info.get("device") == "cpu":
+        lines.append(
+            "- **CPU-only machine: small shapes only.** These numbers check that the benchmarks run; "
+            "they say nothing about GPU speed."
+        )
     for group in sorted(groups):
         rows = groups[group]
         medians = {r["extra_info"].get("impl", r["name"]): r["stats"]["median"] for r in rows}

@@ -8,6 +8,8 @@ import pathlib
 import subprocess
 import sys
 
+import torch
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -19,7 +21,8 @@ def load_render():
 
 
 def row(group, impl, median, **info):
-    extra = {"impl": impl, "device": "NVIDIA H100", "ceiling_matmul_tflops": 700.0, "ceiling_copy_gbs": 3000.0}
+    extra = {"impl": impl, "device": "NVIDIA H100", "ceiling_matmul_tflops": 700.0, "ceiling_copy_gbs": 3000.0,
+             "versions": "fastoptim 0.1.0, torch 2.11.0, triton 3.6.0, CUDA 13.0"}
     return {"group": group, "name": f"test[{impl}]", "stats": {"median": median}, "extra_info": {**extra, **info}}
 
 
@@ -35,6 +38,7 @@ def test_render_orders_rows_and_computes_speedups():
     }
     text = load_render().render(data)
     assert "NVIDIA H100" in text and "700.0 TFLOP/s" in text and "3000 GB/s" in text
+    assert "torch 2.11.0, triton 3.6.0" in text and "CPU-only" not in text
     ns = text.split("## ns 4096")[1].split("##")[0]
     assert ns.index("fastoptim-cuda") < ns.index("torch-loop")  # fastest first
     assert "| fastoptim-cuda | 5.000 | 200.00 TFLOP/s | 29% | 2.00x |" in ns
@@ -52,3 +56,4 @@ def test_bench_json_from_a_real_run_renders(tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     text = load_render().render(json.loads(out.read_text()))
     assert "## muon_apply" in text and "fastoptim-torch" in text and "GB/s" in text
+    assert "torch " in text and ("CPU-only machine" in text) == (not torch.cuda.is_available())
