@@ -164,26 +164,61 @@ void sophia_step_(const std::vector<at::Tensor>& params, const std::vector<at::T
       static_cast<float>(weight_decay), static_cast<float>(eps), counter, current_stream()));
 }
 
-// outs[i]: where bufs[i]'s Newton–Schulz input goes (a contiguous slice of the bucket's stack), numel of bufs[i].
-void muon_momentum_stack_(const std::vector<at::Tensor>& bufs, const std::vector<at::Tensor>& grads,
-                          const std::vector<at::Tensor>& outs, double beta, bool nesterov) {
-  TORCH_CHECK(grads.size() == bufs.size() && outs.size() == bufs.size(),
-              "bufs, grads and outs must have the same length");
-  if (bufs.empty()) return;
-  const at::Tensor& first = bufs[0];
-  TensorList b = list_of(bufs, "bufs", first, nullptr);
-  TensorList g = list_of(grads, "grads", first, &bufs);
-  TensorList o = list_of(outs, "outs", first, nullptr);
+// The momentum of bufs[k] goes into out[indices[k]] (out: the bucket's contiguous (P, m, n) stack). With
+// partials ((P, max_chunks) fp32), each chunk's sum of squares of the stored values is written there too.
+void muon_momentum_stack_(const std::vector<at::Tensor>& bufs, const std::vector<at::Tensor>& grads, at::Tensor out,
+                          const std::vector<int64_t>& indices, double beta, bool nesterov,
+                          std::optional<at::Tensor> partials) {
+  TORCH_CHECK(grads.size() == bufs.size() && indices.size() == bufs.size(),
+              "bufs, grads and indices must have the same length");
+  CHECK_CUDA(out);
+  CHECK_CONTIGUOUS(out);
+  TORCH_CHECK(out.dim() == 3, "out must be a (P, m, n) stack, got ", out.sizes());
+  if (bufs.empty() || out.numel() == 0) return;
+  const int64_t size = out.size(1) * out.size(2);
+  TensorList b = list_of(bufs, "bufs", out, nullptr);
+  TensorList g = list_of(grads, "grads", out, &bufs);
+  std::vector<void*> outs;
   std::vector<int64_t> numels;
-  for (size_t i = 0; i < bufs.size(); ++i) {
-    TORCH_CHECK(outs[i].numel() == bufs[i].numel(), "outs[", i, "] must have the ", bufs[i].numel(),
-                " elements of bufs[", i, "], got ", outs[i].sizes());
-    numels.push_back(bufs[i].numel());
+  char* base = static_cast<char*>(out.data_ptr());
+  const int64_t matrix_bytes = size * out.element_size();
+  for (size_t k = 0; k < bufs.size(); ++k) {
+    TORCH_CHECK(indices[k] >= 0 && indices[k] < out.size(0), "indices[", k, "] out of range for out ", out.sizes());
+    TORCH_CHECK(bufs[k].numel() == size, "bufs[", k, "] must have out's m*n = ", size, " elements, got ",
+                bufs[k].sizes());
+    outs.push_back(base + indices[k] * matrix_bytes);
+    numels.push_back(size);
   }
-  const c10::cuda::CUDAGuard guard(first.device());
+  float* partials_ptr = nullptr;
+  int64_t max_chunks = 0;
+  if (partials.has_value()) {
+    CHECK_CUDA(*partials);
+    CHECK_CONTIGUOUS(*partials);
+    TORCH_CHECK(partials->scalar_type() == at::kFloat && partials->dim() == 2 && partials->size(0) == out.size(0),
+                "partials must be a float32 (P, chunks) tensor, got ", partials->sizes());
+    partials_ptr = partials->data_ptr<float>();
+    max_chunks = partials->size(1);
+  }
+  const c10::cuda::CUDAGuard guard(out.device());
   CHECK_CUDA_LAUNCH(fastoptim::launch_muon_momentum_stack(
-      b.ptrs.data(), b.dtype, g.ptrs.data(), g.dtype, o.ptrs.data(), o.dtype, numels.data(),
-      static_cast<int64_t>(numels.size()), static_cast<float>(beta), nesterov, current_stream()));
+      b.ptrs.data(), b.dtype, g.ptrs.data(), g.dtype, outs.data(), to_dtype(out, "out"), numels.data(),
+      static_cast<int64_t>(numels.size()), static_cast<float>(beta), nesterov, partials_ptr, base, matrix_bytes,
+      max_chunks, current_stream()));
+}
+
+// out[i] <- out[i] / (safety·sqrt(Σ partials[i]) + eps), after muon_momentum_stack_ filled partials.
+void muon_stack_normalize_(at::Tensor out, const at::Tensor& partials, double safety, double eps) {
+  CHECK_CUDA(out);
+  CHECK_CONTIGUOUS(out);
+  CHECK_CUDA(partials);
+  CHECK_CONTIGUOUS(partials);
+  TORCH_CHECK(out.dim() == 3, "out must be a (P, m, n) stack, got ", out.sizes());
+  TORCH_CHECK(partials.scalar_type() == at::kFloat && partials.dim() == 2 && partials.size(0) == out.size(0),
+              "partials must be a float32 (P, chunks) tensor, got ", partials.sizes());
+  const c10::cuda::CUDAGuard guard(out.device());
+  CHECK_CUDA_LAUNCH(fastoptim::launch_muon_stack_normalize(
+      out.data_ptr(), to_dtype(out, "out"), partials.data_ptr<float>(), out.size(0), out.size(1) * out.size(2),
+      partials.size(1), static_cast<float>(safety), static_cast<float>(eps), current_stream()));
 }
 
 void hessian_ema_(const std::vector<at::Tensor>& hessians, const std::vector<at::Tensor>& estimates, double beta2) {
@@ -262,7 +297,7 @@ void symmetric_gemm(const at::Tensor& x, at::Tensor out, std::optional<at::Tenso
 // use_symmetric (16-bit compute only): A and B come from the upper-triangle tensor-core kernel instead
 // of cuBLAS (half the FLOPs of those two products); the caller decides per shape from measured data.
 at::Tensor newton_schulz(const at::Tensor& G, const std::vector<double>& coefficients, double safety, double eps,
-                         at::ScalarType compute_dtype, bool use_symmetric) {
+                         at::ScalarType compute_dtype, bool use_symmetric, bool normalized) {
   CHECK_CUDA(G);
   TORCH_CHECK(G.dim() >= 2, "G must be (..., m, n), got shape ", G.sizes());
   TORCH_CHECK(coefficients.size() % 3 == 0, "coefficients must hold (a, b, c) triples, got ",
@@ -276,11 +311,15 @@ at::Tensor newton_schulz(const at::Tensor& G, const std::vector<double>& coeffic
   const int64_t batch = stack.size(0);
   const c10::cuda::CUDAGuard guard(G.device());
   at::Tensor X = at::empty({batch, m, n}, G.options().dtype(compute_dtype));
-  at::Tensor sums = at::zeros({batch}, G.options().dtype(at::kFloat));
-  CHECK_CUDA_LAUNCH(fastoptim::launch_ns_prologue(
-      stack.data_ptr(), to_dtype(stack, "G"), X.data_ptr(), to_dtype(X, "compute_dtype"), sums.data_ptr<float>(),
-      batch, m, n, stack.stride(0), stack.stride(1), stack.stride(2), static_cast<float>(safety),
-      static_cast<float>(eps), current_stream()));
+  if (normalized) {  // G is X₀ already (muon_momentum_stack_ with normalize): a cast into the workspace
+    X.copy_(stack);
+  } else {
+    at::Tensor sums = at::zeros({batch}, G.options().dtype(at::kFloat));
+    CHECK_CUDA_LAUNCH(fastoptim::launch_ns_prologue(
+        stack.data_ptr(), to_dtype(stack, "G"), X.data_ptr(), to_dtype(X, "compute_dtype"),
+        sums.data_ptr<float>(), batch, m, n, stack.stride(0), stack.stride(1), stack.stride(2),
+        static_cast<float>(safety), static_cast<float>(eps), current_stream()));
+  }
   const size_t steps = coefficients.size() / 3;
   if (steps > 0 && batch > 0 && m > 0 && n > 0) {
     const bool tall = m > n;
@@ -324,7 +363,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("buf"), py::arg("grad"), py::arg("nesterov_out"), py::arg("beta"));
   m.def("muon_momentum_stack_", &muon_momentum_stack_,
         "muon_momentum_ over a list of same-size matrices, Newton-Schulz inputs into one (P, m, n) stack",
-        py::arg("bufs"), py::arg("grads"), py::arg("outs"), py::arg("beta"), py::arg("nesterov"));
+        py::arg("bufs"), py::arg("grads"), py::arg("out"), py::arg("indices"), py::arg("beta"), py::arg("nesterov"),
+        py::arg("partials"));
+  m.def("muon_stack_normalize_", &muon_stack_normalize_, "out[i] /= safety * sqrt(sum(partials[i])) + eps",
+        py::arg("out"), py::arg("partials"), py::arg("safety"), py::arg("eps"));
   m.def("normuon_step_", &normuon_step_, "NorMuon row normalization and step (in place on param, second_moment)",
         py::arg("param"), py::arg("update"), py::arg("second_moment"), py::arg("lr"), py::arg("weight_decay"),
         py::arg("beta2"), py::arg("eps"), py::arg("scale"), py::arg("cautious"));
@@ -333,7 +375,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("beta1"), py::arg("rho"), py::arg("weight_decay"), py::arg("eps"));
   m.def("newton_schulz", &newton_schulz, "the whole Newton–Schulz iteration of a stack (returns a new tensor)",
         py::arg("G"), py::arg("coefficients"), py::arg("safety"), py::arg("eps"), py::arg("compute_dtype"),
-        py::arg("use_symmetric") = false);
+        py::arg("use_symmetric") = false, py::arg("normalized") = false);
   m.def("symmetric_gemm", &symmetric_gemm, "out <- alpha * x x^T + beta * addend (upper-triangle tiles, mirrored)",
         py::arg("x"), py::arg("out"), py::arg("addend"), py::arg("transposed"), py::arg("alpha"), py::arg("beta"));
   m.def("hessian_ema_", &hessian_ema_, "multi-tensor h <- lerp(h, estimate, 1-beta2)", py::arg("hessians"),

@@ -24,9 +24,17 @@ cudaError_t launch_muon_momentum(void* buf, DType buf_dtype, const void* grad, D
 
 // muon_momentum over `count` contiguous tensors (bufs of buf_dtype, grads of grad_dtype), each writing its
 // Newton–Schulz input into outs[i] (out_dtype; a slice of one stack).
+// partials (nullable): (matrices, max_chunks) fp32, receives each chunk's sum of squares of the stored
+// values; matrix = (outs[i] - out_base) / matrix_bytes.
 cudaError_t launch_muon_momentum_stack(void* const* bufs, DType buf_dtype, void* const* grads, DType grad_dtype,
                                        void* const* outs, DType out_dtype, const int64_t* numels, int64_t count,
-                                       float beta, bool nesterov, cudaStream_t stream);
+                                       float beta, bool nesterov, float* partials, const void* out_base,
+                                       int64_t matrix_bytes, int64_t max_chunks, cudaStream_t stream);
+
+// out[i] <- out[i] / (safety·sqrt(Σ_c partials[i, c]) + eps) for a contiguous (matrices, numel) stack.
+cudaError_t launch_muon_stack_normalize(void* out, DType out_dtype, const float* partials, int64_t matrices,
+                                       int64_t numel, int64_t max_chunks, float safety, float eps,
+                                       cudaStream_t stream);
 
 // NorMuon on a contiguous (batch, m, n) stack; second_moment (batch*m) fp32; norms: 2*batch fp32, zeroed.
 cudaError_t launch_normuon_step(void* param, DType param_dtype, const void* update, DType update_dtype,

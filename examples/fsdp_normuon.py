@@ -106,6 +106,7 @@ def main() -> None:
             f"({dist.get_backend()}), torch {torch.__version__}: median step {statistics.median(timed) * 1e3:.1f} ms",
             flush=True,
         )
+    dist.barrier()  # no rank tears down gloo while another still has a collective in flight
     dist.destroy_process_group()
 
 

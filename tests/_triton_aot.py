@@ -198,13 +198,16 @@ def _muon_stack_calls(muon_stack) -> None:
     # address 16-byte aligned) or of three 3 x 5 (the stack's slices are not: ALIGNED=False).
     groups = [(f32, f32, f32), (f32, f32, bf16), (bf16, bf16, bf16), (f32, bf16, bf16), (f16, f16, f16)]
     for dtypes in groups:
-        for nesterov in (False, True):
+        for nesterov, normalize in ((False, False), (True, False), (True, True)):
             for m, n in [(64, 96), (3, 5)]:
                 bufs = [torch.zeros((m, n), dtype=dtypes[0]) for _ in range(3)]
                 grads = [torch.zeros((m, n), dtype=dtypes[1]) for _ in range(3)]
                 out = torch.empty((3, m, n), dtype=dtypes[2])
-                description = f"muon_momentum_stack_ {'/'.join(map(_name, dtypes))} {(3, m, n)} nesterov={nesterov}"
-                _call(description, muon_stack.muon_momentum_stack_, bufs, grads, out, 0.95, nesterov)
+                description = (
+                    f"muon_momentum_stack_ {'/'.join(map(_name, dtypes))} {(3, m, n)} nesterov={nesterov} "
+                    f"normalize={normalize}"
+                )
+                _call(description, muon_stack.muon_momentum_stack_, bufs, grads, out, 0.95, nesterov, normalize)
 
 
 def _normuon_calls(normuon) -> None:

@@ -185,7 +185,7 @@ def test_newton_schulz_cuda_is_graph_capturable():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = torch.ops.fastoptim.newton_schulz(G, fastoptim.coefficients.resolve("jordan").flat(), 1.0, 1e-7,
-                                                     torch.bfloat16, "cuda")
+                                                     torch.bfloat16, False, "cuda")
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(captured, expected)
@@ -220,3 +220,22 @@ def test_muon_momentum_stack_cuda_matches_torch(buf_dtype, out_dtype, nesterov):
     for a, b in zip(bufs, expected_bufs):
         torch.testing.assert_close(a, b, rtol=TOLERANCE[buf_dtype], atol=TOLERANCE[buf_dtype])
     torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (33, 70), (300, 300)], ids=str)
+def test_muon_momentum_stack_normalize_cuda_matches_torch(out_dtype, shape):
+    # 300 x 300 = 90000 elements: two chunks, so a matrix's norm is summed from two partials.
+    bufs = [torch.randn(shape, device="cuda") for _ in range(5)]
+    grads = [torch.randn(shape, device="cuda") for _ in range(5)]
+    grads[1] = grads[1].bfloat16()  # a second dtype group
+    expected_bufs = [b.clone() for b in bufs]
+    out = torch.full((5, *shape), float("nan"), device="cuda", dtype=out_dtype)
+    expected = torch.empty_like(out)
+    options = dict(normalize=True, safety=1.01, eps=1e-7)
+    fastoptim.muon_momentum_stack_(expected_bufs, grads, expected, 0.9, True, backend="torch", **options)
+    fastoptim.muon_momentum_stack_(bufs, grads, out, 0.9, True, backend="cuda", **options)
+    tol = TOLERANCE[out_dtype]
+    torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)
+    norms = torch.linalg.matrix_norm(out.float())
+    torch.testing.assert_close(norms, torch.full_like(norms, 1 / 1.01), rtol=1e-2, atol=1e-2)

@@ -94,12 +94,12 @@ def opcheck_cases():
     lists = [torch.randn(3, 2), torch.randn(5)]
     jordan = [3.4445, -4.775, 2.0315]
     return [
-        (ops._newton_schulz_op, (torch.randn(2, 5, 7), jordan * 2, 1.0, 1e-7, torch.float32, "torch")),
-        (ops._newton_schulz_op, (torch.randn(7, 5), [3.4445, -4.775, 2.0315], 1.01, 1e-7, torch.bfloat16, "torch")),
+        (ops._newton_schulz_op, (torch.randn(2, 5, 7), jordan * 2, 1.0, 1e-7, torch.float32, False, "torch")),
+        (ops._newton_schulz_op, (torch.randn(7, 5), jordan, 1.01, 1e-7, torch.bfloat16, True, "torch")),
         (ops._muon_momentum_op, (torch.randn(4, 6), torch.randn(4, 6), torch.empty(4, 6), 0.9, "torch")),
         (ops._muon_momentum_op, (torch.randn(4, 6), torch.randn(4, 6), None, 0.9, "torch")),
         (ops._muon_momentum_stack_op, ([torch.randn(4, 6), torch.randn(2, 12)], [torch.randn(4, 6), torch.randn(2, 12)],
-                                       torch.empty(2, 4, 6), 0.9, True, "torch")),
+                                       torch.empty(2, 4, 6), 0.9, True, True, 1.01, 1e-7, "torch")),
         (ops._muon_apply_op, (p.clone(), u, 0.1, 0.01, 2.0, True, "torch")),
         (ops._normuon_step_op, (p.clone(), u, torch.rand(2, 4), 0.1, 0.01, 0.95, 1e-8, 1.0, True, "torch")),
         (ops._sophia_step_op, ([t.clone() for t in lists], [torch.randn_like(t) for t in lists],

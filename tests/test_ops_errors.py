@@ -149,10 +149,10 @@ def test_device_mismatch_is_checked_on_meta():
 
 STACK_CASES = [
     # (overrides, exception, text)
-    ({"out": torch.empty(2, 4, 6)}, ValueError, "out"),  # one matrix per buf
-    ({"out": torch.empty(3, 4, 5)}, ValueError, "bufs[0]"),  # m·n differs
-    ({"out": torch.empty(3, 6, 4).mT}, ValueError, "contiguous"),
-    ({"out": torch.empty(3, 24)}, ValueError, "out"),
+    ({"out": torch.zeros(2, 4, 6)}, ValueError, "out"),  # one matrix per buf
+    ({"out": torch.zeros(3, 4, 5)}, ValueError, "bufs[0]"),  # m·n differs
+    ({"out": torch.zeros(3, 6, 4).mT}, ValueError, "contiguous"),
+    ({"out": torch.zeros(3, 24)}, ValueError, "out"),
     ({"grads": [torch.randn(4, 6)] * 2}, ValueError, "grads"),
     ({"grads": [torch.randn(4, 6), torch.randn(6, 4), torch.randn(4, 6)]}, ValueError, "grads[1]"),
     ({"bufs": [torch.zeros(4, 6, dtype=torch.int32)] * 3}, TypeError, "bufs[0]"),

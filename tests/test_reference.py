@@ -266,3 +266,14 @@ def test_muon_momentum_stack_formula(nesterov):
     for got, want in zip(bufs, expected_bufs):
         torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(out, expected_out, rtol=1e-14, atol=1e-14)
+
+
+def test_newton_schulz_normalized_input_skips_the_normalization():
+    G = torch.randn(6, 9, dtype=torch.float64)
+    X0 = G / (torch.linalg.matrix_norm(G) * 1.01 + 1e-7)
+    expected = reference.newton_schulz(G, coefficients="polar_express", compute_dtype=torch.float64)
+    got = reference.newton_schulz(X0, coefficients="polar_express", compute_dtype=torch.float64, normalized=True)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    # Zero steps still return a new tensor (a custom op may not alias its input).
+    same = reference.newton_schulz(X0, steps=0, compute_dtype=torch.float64, normalized=True)
+    assert torch.equal(same, X0) and same.data_ptr() != X0.data_ptr()

@@ -15,14 +15,14 @@ TOLERANCE = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.bfloat16: dict(rto
              torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
 
-def run_both(shapes, m, n, buf_dtypes, grad_dtypes, out_dtype, nesterov, device):
+def run_both(shapes, m, n, buf_dtypes, grad_dtypes, out_dtype, nesterov, device, **options):
     bufs = [torch.randn(s, device=device).to(d) for s, d in zip(shapes, buf_dtypes)]
     grads = [torch.randn(s, device=device).to(d) for s, d in zip(shapes, grad_dtypes)]
     ref_bufs = [b.clone() for b in bufs]
     out = torch.full((len(shapes), m, n), float("nan"), device=device, dtype=out_dtype)  # unwritten -> NaN
     ref_out = torch.empty_like(out)
-    ops.muon_momentum_stack_(bufs, grads, out, 0.9, nesterov, backend="triton")
-    ops.muon_momentum_stack_(ref_bufs, grads, ref_out, 0.9, nesterov, backend="torch")
+    ops.muon_momentum_stack_(bufs, grads, out, 0.9, nesterov, backend="triton", **options)
+    ops.muon_momentum_stack_(ref_bufs, grads, ref_out, 0.9, nesterov, backend="torch", **options)
     for got, want in zip(bufs, ref_bufs):
         torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[got.dtype])
     for i, buf_dtype in enumerate(buf_dtypes):
@@ -71,4 +71,29 @@ def test_opcheck(triton_device):
     bufs = [torch.randn(4, 6, device=triton_device) for _ in range(2)]
     grads = [torch.randn(4, 6, device=triton_device) for _ in range(2)]
     out = torch.empty(2, 4, 6, device=triton_device)
-    torch.library.opcheck(ops._muon_momentum_stack_op, (bufs, grads, out, 0.9, True, "triton"))
+    torch.library.opcheck(ops._muon_momentum_stack_op, (bufs, grads, out, 0.9, True, False, 1.0, 1e-7, "triton"))
+    torch.library.opcheck(ops._muon_momentum_stack_op, (bufs, grads, out, 0.9, True, True, 1.01, 1e-7, "triton"))
+
+
+@pytest.mark.parametrize("m, n", [(1, 1), (33, 70), (200, 200)])
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_normalize_matches_torch(m, n, out_dtype, triton_device):
+    # 200 x 200 = 40000 elements: three chunks, so a matrix's norm is summed from several partials.
+    shapes = [(m, n)] * 3
+    run_both(shapes, m, n, [torch.float32] * 3, [torch.float32] * 3, out_dtype, True, triton_device,
+             normalize=True, safety=1.01, eps=1e-7)
+
+
+def test_normalize_then_newton_schulz_equals_plain_newton_schulz(triton_device):
+    bufs = [torch.randn(20, 30, device=triton_device) for _ in range(2)]
+    grads = [torch.randn(20, 30, device=triton_device) for _ in range(2)]
+    plain_bufs = [b.clone() for b in bufs]
+    stack = torch.empty(2, 20, 30, device=triton_device)
+    ops.muon_momentum_stack_(bufs, grads, stack, 0.9, True, backend="triton", normalize=True, safety=1.01)
+    fused = ops.newton_schulz(stack, coefficients="polar_express", compute_dtype=torch.float32, normalized=True,
+                              backend="triton")
+    plain_stack = torch.empty_like(stack)
+    ops.muon_momentum_stack_(plain_bufs, grads, plain_stack, 0.9, True, backend="torch")
+    plain = ops.newton_schulz(plain_stack, coefficients="polar_express", compute_dtype=torch.float32,
+                              backend="torch")
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)

@@ -204,3 +204,14 @@ def test_bf16_error_within_twice_torch_on_gpu(shape):
     error = ((out.double() - exact).norm(dim=dims) / exact.norm(dim=dims)).max()
     plain_error = ((plain.double() - exact).norm(dim=dims) / exact.norm(dim=dims)).max()
     assert error <= 2 * plain_error, (error.item(), plain_error.item())
+
+
+@pytest.mark.parametrize("shape", [(33, 70), (70, 33), (3, 20, 17)])
+def test_normalized_input_matches_torch(shape, triton_device):
+    G = torch.randn(shape)
+    X0 = G / (torch.linalg.matrix_norm(G, keepdim=True) + 1e-7)
+    kwargs = dict(compute_dtype=torch.float32, normalized=True)
+    out = fastoptim.newton_schulz(X0.to(triton_device), backend="triton", **kwargs)
+    expected = fastoptim.newton_schulz(X0, backend="torch", **kwargs)
+    _assert_close(out.cpu(), expected)
+    _assert_close(out.cpu(), fastoptim.newton_schulz(G, backend="torch", compute_dtype=torch.float32))

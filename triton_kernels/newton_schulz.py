@@ -87,23 +87,26 @@ def _num_partials(batch: int, m: int, n: int, device: torch.device) -> int:
     return min(triton.next_power_of_2(per_matrix), triton.next_power_of_2(tiles), _MAX_PARTIALS)
 
 
-def _launch_chunk(G, partials, x_buffers, gram, schedule, eps, config, upcast) -> None:
+def _launch_chunk(G, partials, x_buffers, gram, schedule, eps, config, upcast, normalized=False) -> None:
     """The whole iteration for a stack G (batch, m, n) short enough for one grid; step i reads
     x_buffers[i % 2] and writes the other, so the result lands in x_buffers[steps % 2]."""
     batch, m, n = G.shape
     size, tall = min(m, n), m > n
-    acc_dtype = tl.float64 if partials.dtype == torch.float64 else tl.float32
-    num_partials = partials.shape[1]
-    kernels._sum_squares_kernel[(num_partials, batch)](
-        G, partials, m, n, *G.stride(), num_partials,
-        ACC_DTYPE=acc_dtype, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C,
-    )
     x, x_next = x_buffers
-    tiles = triton.cdiv(m, _BLOCK_R) * triton.cdiv(n, _BLOCK_C)
-    kernels._scale_cast_kernel[(tiles, batch)](
-        G, partials, x, m, n, *G.stride(), x.stride(0), schedule.safety, eps,
-        ACC_DTYPE=acc_dtype, NUM_PARTIALS=num_partials, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C,
-    )
+    if normalized:  # G is X₀ already (muon_momentum_stack_(normalize=True)): only a cast into the workspace
+        x.copy_(G)
+    else:
+        acc_dtype = tl.float64 if partials.dtype == torch.float64 else tl.float32
+        num_partials = partials.shape[1]
+        kernels._sum_squares_kernel[(num_partials, batch)](
+            G, partials, m, n, *G.stride(), num_partials,
+            ACC_DTYPE=acc_dtype, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C,
+        )
+        tiles = triton.cdiv(m, _BLOCK_R) * triton.cdiv(n, _BLOCK_C)
+        kernels._scale_cast_kernel[(tiles, batch)](
+            G, partials, x, m, n, *G.stride(), x.stride(0), schedule.safety, eps,
+            ACC_DTYPE=acc_dtype, NUM_PARTIALS=num_partials, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C,
+        )
     A, B = gram
     gram_tiles = triton.cdiv(size, config.block)
     triangle = gram_tiles * (gram_tiles + 1) // 2
@@ -136,6 +139,7 @@ def _newton_schulz(
     schedule: Schedule,
     eps: float,
     compute_dtype: torch.dtype,
+    normalized: bool = False,
     *,
     config: _Config | None = None,
     poison: bool = False,
@@ -164,20 +168,20 @@ def _newton_schulz(
         chunk = slice(start, min(batch, start + _MAX_BATCH_PER_LAUNCH))
         _launch_chunk(
             stack[chunk], partials[chunk], tuple(x[chunk] if x is not None else None for x in x_buffers),
-            (gram[0, chunk], gram[1, chunk]), schedule, eps, config, upcast,
+            (gram[0, chunk], gram[1, chunk]), schedule, eps, config, upcast, normalized,
         )
     return x_buffers[steps % 2].view(shape)
 
 
 def newton_schulz(
-    G: torch.Tensor, schedule: Schedule, eps: float, compute_dtype: torch.dtype
+    G: torch.Tensor, schedule: Schedule, eps: float, compute_dtype: torch.dtype, normalized: bool = False
 ) -> torch.Tensor:
     """fastoptim::newton_schulz on the Triton backend: a new contiguous (..., m, n) compute_dtype tensor."""
-    return _newton_schulz(G, schedule, eps, compute_dtype)
+    return _newton_schulz(G, schedule, eps, compute_dtype, normalized)
 
 
 def _why_not_newton_schulz(
-    G: torch.Tensor, schedule: Schedule, eps: float, compute_dtype: torch.dtype
+    G: torch.Tensor, schedule: Schedule, eps: float, compute_dtype: torch.dtype, normalized: bool = False
 ) -> str | None:
     if compute_dtype not in COMPUTE_DTYPES:
         return f"compute_dtype {compute_dtype} is not supported by tl.dot (float32, bfloat16, float16 are)"

@@ -41,11 +41,23 @@ def muon_momentum_(buf, grad, nesterov_out, beta) -> None:
     _C.muon_momentum_(buf, grad, nesterov_out, beta)
 
 
-def muon_momentum_stack_(bufs, grads, out, beta, nesterov) -> None:
+# Elements per block of the multi-tensor kernels (csrc/multi_tensor.cuh: kChunk).
+_CHUNK = 1 << 16
+
+
+def muon_momentum_stack_(bufs, grads, out, beta, nesterov, normalize=False, safety=1.0, eps=1e-7) -> None:
+    if out.numel() == 0:
+        return
+    chunks = -(-out[0].numel() // _CHUNK)
+    # Every (matrix, chunk) partial is written by exactly one block: no zero-fill needed.
+    partials = torch.empty((out.shape[0], chunks), dtype=torch.float32, device=out.device) if normalize else None
     # The kernel takes bufs of one dtype and grads of one dtype: one launch per combination.
     for index in _groups(bufs, grads):
-        outs = [out[i] for i in index]  # views: slices of the stack
-        _C.muon_momentum_stack_([bufs[i] for i in index], [grads[i] for i in index], outs, beta, nesterov)
+        _C.muon_momentum_stack_(
+            [bufs[i] for i in index], [grads[i] for i in index], out, list(index), beta, nesterov, partials
+        )
+    if normalize:
+        _C.muon_stack_normalize_(out, partials, safety, eps)
 
 
 def normuon_step_(param, update, second_moment, lr, weight_decay, beta2, eps, scale, cautious) -> None:
@@ -68,11 +80,13 @@ def _use_symmetric(G: torch.Tensor, compute_dtype: torch.dtype) -> bool:
     return SYMMETRIC_MIN_GRAM is not None and min(G.shape[-2], G.shape[-1]) >= SYMMETRIC_MIN_GRAM
 
 
-def newton_schulz(G, schedule, eps, compute_dtype) -> torch.Tensor:
-    return _C.newton_schulz(G, schedule.flat(), schedule.safety, eps, compute_dtype, _use_symmetric(G, compute_dtype))
+def newton_schulz(G, schedule, eps, compute_dtype, normalized=False) -> torch.Tensor:
+    return _C.newton_schulz(
+        G, schedule.flat(), schedule.safety, eps, compute_dtype, _use_symmetric(G, compute_dtype), normalized
+    )
 
 
-def _newton_schulz_support(G, schedule, eps, compute_dtype) -> str | None:
+def _newton_schulz_support(G, schedule, eps, compute_dtype, normalized=False) -> str | None:
     if compute_dtype not in _KERNEL_DTYPES:
         return f"its Newton–Schulz driver computes in float32, bfloat16 or float16, got {compute_dtype}"
     if G.dtype not in _KERNEL_DTYPES:

@@ -9,8 +9,10 @@ from . import reference
 from .coefficients import Schedule
 
 
-def newton_schulz(G: torch.Tensor, schedule: Schedule, eps: float, compute_dtype: torch.dtype) -> torch.Tensor:
-    return reference.newton_schulz(G, None, schedule, eps, compute_dtype)
+def newton_schulz(
+    G: torch.Tensor, schedule: Schedule, eps: float, compute_dtype: torch.dtype, normalized: bool = False
+) -> torch.Tensor:
+    return reference.newton_schulz(G, None, schedule, eps, compute_dtype, normalized)
 
 
 def muon_momentum_(

@@ -28,15 +28,21 @@ from .coefficients import Schedule, resolve
 
 @torch.library.custom_op("fastoptim::newton_schulz", mutates_args=())
 def _newton_schulz_op(
-    G: Tensor, coefficients: list[float], safety: float, eps: float, compute_dtype: torch.dtype, backend: str
+    G: Tensor,
+    coefficients: list[float],
+    safety: float,
+    eps: float,
+    compute_dtype: torch.dtype,
+    normalized: bool,
+    backend: str,
 ) -> Tensor:
     schedule = Schedule.from_flat(coefficients, safety)
-    args = (G, schedule, eps, compute_dtype)
+    args = (G, schedule, eps, compute_dtype, normalized)
     return backends.implementation("newton_schulz", backend, G.device, args)(*args).contiguous()
 
 
 @_newton_schulz_op.register_fake
-def _(G, coefficients, safety, eps, compute_dtype, backend):
+def _(G, coefficients, safety, eps, compute_dtype, normalized, backend):
     return G.new_empty(G.shape, dtype=compute_dtype)
 
 
@@ -53,14 +59,22 @@ def _(buf, grad, nesterov_out, beta, backend):
 
 @torch.library.custom_op("fastoptim::muon_momentum_stack_", mutates_args=("bufs", "out"))
 def _muon_momentum_stack_op(
-    bufs: list[Tensor], grads: list[Tensor], out: Tensor, beta: float, nesterov: bool, backend: str
+    bufs: list[Tensor],
+    grads: list[Tensor],
+    out: Tensor,
+    beta: float,
+    nesterov: bool,
+    normalize: bool,
+    safety: float,
+    eps: float,
+    backend: str,
 ) -> None:
-    args = (bufs, grads, out, beta, nesterov)
+    args = (bufs, grads, out, beta, nesterov, normalize, safety, eps)
     backends.implementation("muon_momentum_stack_", backend, out.device, args)(*args)
 
 
 @_muon_momentum_stack_op.register_fake
-def _(bufs, grads, out, beta, nesterov, backend):
+def _(bufs, grads, out, beta, nesterov, normalize, safety, eps, backend):
     return None
 
 
@@ -150,20 +164,24 @@ def newton_schulz(
     eps: float = 1e-7,
     compute_dtype: torch.dtype = torch.bfloat16,
     backend: str = "auto",
+    normalized: bool = False,
 ) -> Tensor:
     """Orthogonalize each matrix of G (..., m, n) by the quintic Newton–Schulz iteration.
 
     See `fastoptim.reference.newton_schulz` for the exact computation and
     `fastoptim.coefficients` for the schedules ("jordan", "polar_express", "you", or a list of
     (a, b, c) triples; steps=None runs the schedule's own length). Returns a new (..., m, n) tensor
-    in compute_dtype.
+    in compute_dtype. normalized=True: G is already X₀ = G/(safety·‖G‖_F + eps) (as
+    `muon_momentum_stack_(normalize=True)` writes it), so the normalization pass is skipped.
     """
     check.tensor("G", G, min_ndim=2)
     schedule = resolve(coefficients, steps)
     eps = check.non_negative("eps", eps)
     compute_dtype = check.compute_dtype("compute_dtype", compute_dtype)
-    name = backends.eager_select("newton_schulz", _backend_arg(backend), G.device, (G, schedule, eps, compute_dtype))
-    return _newton_schulz_op(G, schedule.flat(), schedule.safety, eps, compute_dtype, name)
+    normalized = check.boolean("normalized", normalized)
+    args = (G, schedule, eps, compute_dtype, normalized)
+    name = backends.eager_select("newton_schulz", _backend_arg(backend), G.device, args)
+    return _newton_schulz_op(G, schedule.flat(), schedule.safety, eps, compute_dtype, normalized, name)
 
 
 def muon_momentum_(
@@ -191,10 +209,16 @@ def muon_momentum_stack_(
     beta: float = 0.95,
     nesterov: bool = True,
     backend: str = "auto",
+    normalize: bool = False,
+    safety: float = 1.0,
+    eps: float = 1e-7,
 ) -> None:
     """`muon_momentum_` for P same-size matrices at once, writing the Newton–Schulz inputs into the
     (P, m, n) stack `out` (any floating dtype: e.g. the compute dtype). Each buf_i/grad_i may have any
-    shape with m·n elements (a conv kernel is read as its (out, -1) matrix). Mutates bufs and out."""
+    shape with m·n elements (a conv kernel is read as its (out, -1) matrix). With normalize, each
+    out[i] is also divided by (safety·‖out[i]‖_F + eps), Newton–Schulz's normalization (then call
+    `newton_schulz(..., normalized=True)`); see `fastoptim.reference.muon_momentum_stack_`.
+    Mutates bufs and out."""
     bufs = check.tensor_list("bufs", bufs)
     grads = check.tensor_list("grads", grads)
     check.matching_lists(("bufs", "grads"), (bufs, grads))
@@ -210,13 +234,16 @@ def muon_momentum_stack_(
         check.same_device(f"bufs[{i}]", buf, "out", out)
     beta = check.beta("beta", beta)
     nesterov = check.boolean("nesterov", nesterov)
+    normalize = check.boolean("normalize", normalize)
+    safety = check.positive("safety", safety)
+    eps = check.non_negative("eps", eps)
     if not bufs:
         _backend_arg(backend)
         return
-    args = (bufs, grads, out, beta, nesterov)
+    args = (bufs, grads, out, beta, nesterov, normalize, safety, eps)
     name = backends.eager_select("muon_momentum_stack_", _backend_arg(backend), out.device, args)
     with torch.no_grad():
-        _muon_momentum_stack_op(bufs, grads, out, beta, nesterov, name)
+        _muon_momentum_stack_op(*args, name)
 
 
 def _check_update_pair(param: Tensor, update: Tensor) -> None:

@@ -36,10 +36,13 @@ def newton_schulz(
     coefficients: str | Sequence[Sequence[float]] | Schedule = "jordan",
     eps: float = 1e-7,
     compute_dtype: torch.dtype = torch.bfloat16,
+    normalized: bool = False,
 ) -> torch.Tensor:
     """Approximate orthogonal polar factor of each matrix of a stack G (..., m, n).
 
-        X = G / (safety·‖G‖_F + eps)        (in fp32, or fp64 when G or compute_dtype is fp64)
+        X = G / (safety·‖G‖_F + eps)        (in fp32, or fp64 when G or compute_dtype is fp64;
+                                             normalized=True: X = G, already scaled, e.g. by
+                                             muon_momentum_stack_(normalize=True))
         for each (a, b, c) of the schedule:
             A = X Xᵀ;  B = b A + c A²;  X = a X + B X          (wide form, m <= n)
             A = XᵀX;   B = b A + c A²;  X = a X + X B          (tall form, m > n)
@@ -50,10 +53,13 @@ def newton_schulz(
     """
     schedule = resolve(coefficients, steps)
     m, n = G.shape[-2], G.shape[-1]
-    norm_dtype = torch.float64 if torch.float64 in (G.dtype, compute_dtype) else torch.float32
-    G_wide = G.to(norm_dtype)
-    frobenius = torch.linalg.matrix_norm(G_wide, ord="fro", keepdim=True)
-    X = (G_wide / (frobenius * schedule.safety + eps)).to(compute_dtype)
+    if normalized:
+        X = G.to(compute_dtype, copy=True)
+    else:
+        norm_dtype = torch.float64 if torch.float64 in (G.dtype, compute_dtype) else torch.float32
+        G_wide = G.to(norm_dtype)
+        frobenius = torch.linalg.matrix_norm(G_wide, ord="fro", keepdim=True)
+        X = (G_wide / (frobenius * schedule.safety + eps)).to(compute_dtype)
     tall = m > n
     for a, b, c in schedule.triples:
         if tall:
@@ -83,16 +89,31 @@ def muon_momentum_(buf: torch.Tensor, grad: torch.Tensor, beta: float, nesterov:
 
 
 def muon_momentum_stack_(
-    bufs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], out: torch.Tensor, beta: float, nesterov: bool
+    bufs: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    out: torch.Tensor,
+    beta: float,
+    nesterov: bool,
+    normalize: bool = False,
+    safety: float = 1.0,
+    eps: float = 1e-7,
 ) -> None:
     """`muon_momentum_` over a list of same-size matrices, writing the Newton–Schulz inputs into one
     stack: for each i, buf_i <- lerp(buf_i, grad_i, 1 - beta) and
-    out[i] <- (lerp(grad_i, buf_i, beta) if nesterov else buf_i), viewed as out[i]'s (m, n) and cast
-    to out's dtype. This is how an optimizer fills the batched input of one shape bucket in one pass
-    (no per-matrix temporary, no copy)."""
+    U_i = (lerp(grad_i, buf_i, beta) if nesterov else buf_i), viewed as (m, n), cast to out's dtype;
+    out[i] <- U_i, or with normalize
+    out[i] <- U_i / (safety·‖U_i‖_F + eps)      (fp32 arithmetic; fp64 for a float64 out)
+    — Newton–Schulz's normalization (then call newton_schulz(..., normalized=True)). The norm is that
+    of the stored U_i, as the official Muon code normalizes after its cast to bfloat16. This is how an
+    optimizer fills the batched input of one shape bucket: one pass over the gradients, no per-matrix
+    temporary, no copy, no separate normalization pass over a full-precision stack."""
     for i, (buf, grad) in enumerate(zip(bufs, grads)):
         ns_input = muon_momentum_(buf, grad, beta, nesterov)
         out[i].copy_(ns_input.reshape(out.shape[1:]))
+    if normalize:
+        U = out.to(torch.float64 if out.dtype == torch.float64 else torch.float32)
+        frobenius = torch.linalg.matrix_norm(U, ord="fro", keepdim=True)
+        out.copy_(U / (frobenius * safety + eps))
 
 
 def muon_apply_(

@@ -53,6 +53,7 @@ from ..coefficients import resolve
 from ..ops import muon_momentum_stack_, newton_schulz
 
 SCALE_MODES = ("original", "match_rms_adamw", "spectral")
+NS_EPS = 1e-7  # Newton–Schulz's normalization: X = G / (safety·‖G‖_F + NS_EPS), as the reference Muon
 
 # Group keys that belong to AdamW, and the optimizer default each one falls back to.
 _ADAMW_KEYS = {
@@ -363,11 +364,16 @@ class MatrixOptimizer(torch.optim.Optimizer):
         schedule = resolve(group["coefficients"], group["ns_steps"])
         for (m, n, dtype, device), params in buckets.items():
             blocks = row_blocks(group.get("split_sizes"), m)
-            # Momentum of the whole bucket in one multi-tensor call, written straight into its stack.
+            # Momentum of the whole bucket in one multi-tensor call, written straight into its stack. With
+            # whole matrices (no split_sizes) the same call applies Newton–Schulz's normalization and
+            # stores the stack in ns_dtype — the official Muon's order: cast to bf16, then normalize —
+            # so no full-precision stack is written and read back; row blocks are normalized by
+            # Newton–Schulz itself, one block at a time.
             for p in params:
                 if "momentum_buffer" not in self.state[p]:
                     self._init_state(p, self.state[p], m)
-            stacked = torch.empty((len(params), m, n), dtype=dtype, device=device)
+            fused = len(blocks) == 1
+            stacked = torch.empty((len(params), m, n), dtype=group["ns_dtype"] if fused else dtype, device=device)
             muon_momentum_stack_(
                 [self.state[p]["momentum_buffer"] for p in params],
                 [p.grad for p in params],
@@ -375,8 +381,11 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 group["momentum"],
                 group["nesterov"],
                 group["backend"],
+                normalize=fused,
+                safety=schedule.safety,
+                eps=NS_EPS,
             )
-            orthogonal = self._orthogonalize(stacked, blocks, schedule, group)
+            orthogonal = self._orthogonalize(stacked, blocks, schedule, group, normalized=fused)
             del stacked
             for i, p in enumerate(params):
                 self._apply_matrix(group, p, orthogonal[i], blocks)
@@ -396,8 +405,11 @@ class MatrixOptimizer(torch.optim.Optimizer):
             p.copy_(matrix.view(p.shape))
 
     @staticmethod
-    def _orthogonalize(stacked: Tensor, blocks: list[tuple[int, int]], schedule: Any, group: dict) -> Tensor:
-        """Newton–Schulz of every block of every matrix of a (P, m, n) stack, in as few calls as possible."""
+    def _orthogonalize(
+        stacked: Tensor, blocks: list[tuple[int, int]], schedule: Any, group: dict, normalized: bool = False
+    ) -> Tensor:
+        """Newton–Schulz of every block of every matrix of a (P, m, n) stack, in as few calls as possible.
+        normalized: the stack holds whole matrices already normalized (muon_momentum_stack_(normalize=True))."""
         P, m, n = stacked.shape
         sizes = {r1 - r0 for r0, r1 in blocks}
         if len(sizes) == 1:  # whole matrices, or equal blocks: one batched call over (P·k, m/k, n)
@@ -405,8 +417,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
             out = newton_schulz(
                 stacked.view(P * len(blocks), size, n),
                 coefficients=schedule,
+                eps=NS_EPS,
                 compute_dtype=group["ns_dtype"],
                 backend=group["backend"],
+                normalized=normalized,
             )
             return out.view(P, m, n)
         out = torch.empty((P, m, n), dtype=group["ns_dtype"], device=stacked.device)
@@ -414,6 +428,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
             out[:, r0:r1] = newton_schulz(
                 stacked[:, r0:r1],
                 coefficients=schedule,
+                eps=NS_EPS,
                 compute_dtype=group["ns_dtype"],
                 backend=group["backend"],
             )
