@@ -158,6 +158,9 @@ STACK_CASES = [
     ({"bufs": [torch.zeros(4, 6, dtype=torch.int32)] * 3}, TypeError, "bufs[0]"),
     ({"beta": 1.0}, ValueError, "beta"),
     ({"nesterov": "yes"}, TypeError, "nesterov"),
+    ({"normalize": 1}, TypeError, "normalize"),
+    ({"safety": 0.0}, ValueError, "safety"),
+    ({"eps": float("nan")}, ValueError, "eps"),
 ]
 
 

@@ -277,3 +277,19 @@ def test_newton_schulz_normalized_input_skips_the_normalization():
     # Zero steps still return a new tensor (a custom op may not alias its input).
     same = reference.newton_schulz(X0, steps=0, compute_dtype=torch.float64, normalized=True)
     assert torch.equal(same, X0) and same.data_ptr() != X0.data_ptr()
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float64, torch.bfloat16])
+def test_muon_momentum_stack_normalize_formula(out_dtype):
+    bufs = [torch.randn(5, 7, dtype=torch.float64) for _ in range(3)]
+    grads = [torch.randn(5, 7, dtype=torch.float64) for _ in range(3)]
+    beta, safety, eps = 0.9, 1.01, 1e-7
+    expected = []
+    for b, g in zip(bufs, grads):
+        stored = ((1 - beta) * g + beta * (beta * b + (1 - beta) * g)).to(out_dtype).double()  # rounded once
+        expected.append(stored / (safety * stored.norm() + eps))
+    out = torch.empty(3, 5, 7, dtype=out_dtype)
+    fastoptim.muon_momentum_stack_(bufs, grads, out, beta, True, backend="torch", normalize=True, safety=safety,
+                                   eps=eps)
+    tolerance = 1e-12 if out_dtype == torch.float64 else 1e-2
+    torch.testing.assert_close(out.double(), torch.stack(expected), rtol=tolerance, atol=tolerance)
