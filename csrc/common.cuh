@@ -51,15 +51,6 @@ __device__ __forceinline__ float block_sum(float value) {
   return value;
 }
 
-// Elements of T in 16 bytes.
-template <typename T>
-constexpr int kVec = 16 / sizeof(T);
-
-template <typename T>
-struct alignas(16) Vec16 {
-  T v[kVec<T>];
-};
-
 // Launch dispatch over the storage types: calls fn.template operator()<T>() with T the C++ type.
 template <typename Fn>
 cudaError_t dispatch_dtype(DType dtype, Fn&& fn) {
@@ -84,16 +75,20 @@ inline unsigned grid_for(int64_t work, int threads, int64_t cap = 65535) {
 
 namespace fastoptim {
 
-// Four consecutive elements, loaded or stored as one 4*sizeof(T)-byte access (16 B for fp32, 8 B for
-// bf16/fp16) when the row start is aligned and the row length is a multiple of 4.
+// Elements of T in one 16-byte access.
 template <typename T>
-struct alignas(4 * sizeof(T)) Pack4 {
-  T v[4];
+constexpr int kVec = 16 / sizeof(T);
+
+// N consecutive elements loaded or stored as one N*sizeof(T)-byte access (a 16-byte LDG/STG for
+// N = kVec<T>; two for a wider type read alongside, e.g. fp32 parameters beside a bf16 update).
+template <typename T, int N>
+struct alignas(N * sizeof(T)) Pack {
+  T v[N];
 };
 
-template <typename T>
-inline bool aligned_for_pack4(const void* ptr) {
-  return reinterpret_cast<uintptr_t>(ptr) % (4 * sizeof(T)) == 0;
+template <typename T, int N>
+inline bool aligned_for_pack(const void* ptr) {
+  return reinterpret_cast<uintptr_t>(ptr) % (N * sizeof(T)) == 0;
 }
 
 }  // namespace fastoptim

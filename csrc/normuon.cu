@@ -9,6 +9,7 @@
 //   Ô_ij = O_ij / (sqrt(v_i) + eps) * ||O|| / (||Ô|| + eps)
 //   p_ij <- p_ij (1 - lr wd) - lr scale Ô_ij       (cautious: decay only where Ô_ij p_ij >= 0)
 // Bytes per element: O read twice, p read and written once: 2 sizeof(U) + 2 sizeof(P) (+ 8 B per row).
+// O is read in 16-byte vectors (4 fp32 / 8 bf16) when rows are long enough and aligned.
 
 #include <cuda_runtime.h>
 
@@ -28,11 +29,12 @@ __global__ void normuon_row_stats_kernel(const U* __restrict__ update, float* __
     const U* o = update + row * n;
     float sum = 0.0f;
     if (kPacked) {
-      const Pack4<U>* packed = reinterpret_cast<const Pack4<U>*>(o);
-      for (int64_t k = threadIdx.x; k < n / 4; k += blockDim.x) {
-        const Pack4<U> pack = packed[k];
+      constexpr int N = kVec<U>;  // 16-byte loads of O
+      const Pack<U, N>* packed = reinterpret_cast<const Pack<U, N>*>(o);
+      for (int64_t k = threadIdx.x; k < n / N; k += blockDim.x) {
+        const Pack<U, N> pack = packed[k];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
+        for (int e = 0; e < N; ++e) {
           const float x = to_float(pack.v[e]);
           sum += x * x;
         }
@@ -69,13 +71,14 @@ __global__ void normuon_apply_kernel(P* __restrict__ param, const U* __restrict_
     P* p = param + row * n;
     const U* o = update + row * n;
     if (kPacked) {
-      Pack4<P>* p4 = reinterpret_cast<Pack4<P>*>(p);
-      const Pack4<U>* o4 = reinterpret_cast<const Pack4<U>*>(o);
-      for (int64_t k = threadIdx.x; k < n / 4; k += blockDim.x) {
-        Pack4<P> pp = p4[k];
-        const Pack4<U> oo = o4[k];
+      constexpr int N = kVec<U>;  // 16-byte loads of O; p in packs of the same N elements
+      Pack<P, N>* p4 = reinterpret_cast<Pack<P, N>*>(p);
+      const Pack<U, N>* o4 = reinterpret_cast<const Pack<U, N>*>(o);
+      for (int64_t k = threadIdx.x; k < n / N; k += blockDim.x) {
+        Pack<P, N> pp = p4[k];
+        const Pack<U, N> oo = o4[k];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
+        for (int e = 0; e < N; ++e) {
           const float normalized = to_float(oo.v[e]) * row_scale * norm_rescale;
           const float pv = to_float(pp.v[e]);
           const float decayed = (!cautious || normalized * pv >= 0.0f) ? pv * keep : pv;
@@ -95,7 +98,7 @@ __global__ void normuon_apply_kernel(P* __restrict__ param, const U* __restrict_
 }
 
 int threads_for_row(int64_t n) {
-  // One element (or pack of four) per thread for short rows, 256 threads for long ones.
+  // About one 16-byte vector per thread for short rows, 256 threads for long ones.
   const int64_t work = (n + 3) / 4;
   if (work <= 64) return 64;
   if (work <= 128) return 128;
@@ -114,7 +117,7 @@ cudaError_t launch_normuon_step(void* param, DType param_dtype, const void* upda
   const unsigned blocks = static_cast<unsigned>(rows < 65535 * 8 ? rows : 65535 * 8);
   cudaError_t err = dispatch_dtype(update_dtype, [&](auto u_tag) {
     using U = decltype(u_tag);
-    const bool packed = n % 4 == 0 && aligned_for_pack4<U>(update);
+    const bool packed = n % kVec<U> == 0 && aligned_for_pack<U, kVec<U>>(update);
     if (packed) {
       normuon_row_stats_kernel<U, true><<<blocks, threads, 0, stream>>>(
           static_cast<const U*>(update), second_moment, norms, rows, m, n, batch, beta2, eps);
@@ -129,7 +132,8 @@ cudaError_t launch_normuon_step(void* param, DType param_dtype, const void* upda
     using P = decltype(p_tag);
     return dispatch_dtype(update_dtype, [&](auto u_tag) {
       using U = decltype(u_tag);
-      const bool packed = n % 4 == 0 && aligned_for_pack4<U>(update) && aligned_for_pack4<P>(param);
+      constexpr int N = kVec<U>;
+      const bool packed = n % N == 0 && aligned_for_pack<U, N>(update) && aligned_for_pack<P, N>(param);
       if (packed) {
         normuon_apply_kernel<P, U, true><<<blocks, threads, 0, stream>>>(
             static_cast<P*>(param), static_cast<const U*>(update), second_moment, norms, rows, m, n, batch,
