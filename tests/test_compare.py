@@ -171,7 +171,7 @@ def test_schedule_shapes_differ():
 
 
 def test_interrupt_leaves_finished_results_written(tmp_path, monkeypatch):
-    from fastoptim.compare import command
+    from fastoptim.compare import cli as command
 
     real_train = command.train
 

@@ -11,7 +11,7 @@ import torch
 
 import fastoptim
 from fastoptim import backends
-from fastoptim.compare import command as compare
+from fastoptim.compare import cli as compare
 
 
 def _versions() -> list[tuple[str, str]]:

@@ -3,7 +3,7 @@ AdamW, Muon, NorMuon and SophiaG (same model, seed, data order and token budget)
 training efficiency, throughput and optimizer-state memory.
 
 Modules: `model` (the GPT), `data` (corpus, split, batches), `train` (loop, metrics, presets),
-`report` (table, plot, JSON, CSV), `command` (the CLI subcommand).
+`report` (table, plot, JSON, CSV), `cli` (the CLI subcommand: its output is printed).
 """
 
 from __future__ import annotations
