@@ -13,7 +13,7 @@ import torch
 
 import fastoptim
 from fastoptim import ops, triton_kernels
-from fastoptim.triton_kernels import sophia as triton_sophia
+from fastoptim.triton_kernels import _common as triton_common
 
 pytestmark = pytest.mark.triton
 
@@ -126,9 +126,9 @@ def test_mixed_dtypes_within_a_list(triton_device):
     assert_lists_close(exp_avgs, exp_avgs_ref, torch.float32)
     assert_lists_close(params, params_ref, torch.bfloat16)
     torch.testing.assert_close(fraction, expected, rtol=1e-6, atol=1e-6)
-    tables = triton_sophia._chunk_tables((params, grads, exp_avgs, hessians), params[0].device)
+    tables = triton_common.chunk_tables((params, grads, exp_avgs, hessians), params[0].device)
     assert len(tables) == 2
-    expected_chunks = sum(-(-p.numel() // triton_sophia.CHUNK) for p in params)
+    expected_chunks = sum(-(-p.numel() // triton_common.CHUNK) for p in params)
     assert sum(table.shape[0] for _, _, table in tables) == expected_chunks
 
 

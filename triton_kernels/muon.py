@@ -10,24 +10,14 @@ fp32 whatever the storage dtype (float32, bfloat16 or float16), offsets are int6
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
+from ._common import device_guard, lerp, unsupported_tensors
+
 BLOCK = 1024
 NUM_WARPS = 4
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@triton.jit
-def lerp(start, end, weight):
-    """torch.lerp's formula: start + w·(end - start) for |w| < 0.5, else end - (end - start)·(1 - w)
-    (exact at both ends). Shared with the other op families of this package."""
-    return tl.where(
-        tl.abs(weight) < 0.5, start + weight * (end - start), end - (end - start) * (1.0 - weight)
-    )
 
 
 @triton.jit
@@ -64,24 +54,6 @@ def _muon_apply_kernel(
         decayed = tl.where(update * param >= 0, decayed, param)
     result = decayed - step * update
     tl.store(param_ptr + offsets, result.to(param_ptr.dtype.element_ty), mask=mask)
-
-
-def device_guard(tensor: torch.Tensor):
-    """Launch on the tensor's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
-def unsupported_tensors(**tensors: torch.Tensor | None) -> str | None:
-    """None when every given tensor can be handled by these kernels, else the reason."""
-    for name, tensor in tensors.items():
-        if tensor is None:
-            continue
-        if tensor.dtype not in SUPPORTED_DTYPES:
-            return f"{name} has dtype {tensor.dtype}; the Triton kernels take float32, bfloat16 or float16"
-        if not tensor.is_contiguous():
-            stride = tuple(tensor.stride())
-            return f"{name} is not contiguous (stride {stride}); the Triton kernels need dense tensors"
-    return None
 
 
 def muon_momentum_(

@@ -9,7 +9,7 @@ table of partials (no atomics: the result does not depend on scheduling), and a 
 the stack sums a matrix's partials in a fixed order and scales it in place.
 
 `fastoptim.reference.muon_momentum_stack_` is the specification. One launch per dtype combination of
-(buf, grad) covers every matrix of the bucket, through the chunk table of the Sophia kernels (int64
+(buf, grad) covers every matrix of the bucket, through the chunk table of `_common` (int64
 addresses of the i-th buf, grad and stack slice, element count, chunk index per row): no temporary
 Nesterov tensor and no copy into the stack, which the per-matrix op followed by a copy would cost.
 Bytes per element: 2·|buf| + |grad| + |out| (+ 2·|out| for the normalization pass).
@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .muon import device_guard, lerp
-from .sophia import _TL_DTYPES, BLOCK, CHUNK, NUM_WARPS, _chunk_tables, _table_pointer, _unsupported_lists
+from ._common import CHUNK, TL_DTYPES, chunk_tables, device_guard, lerp, table_pointer, unsupported_lists
+from .sophia import BLOCK, NUM_WARPS
 
 
 @triton.jit
@@ -64,9 +64,9 @@ def _momentum_stack_kernel(
 ):
     """Bytes per element: reads buf and grad, writes buf and the stack: 2·|buf| + |grad| + |out|."""
     row_ptr = table_ptr + tl.program_id(0).to(tl.int64) * 5
-    buf_ptr = _table_pointer(row_ptr, 0, BUF_DTYPE, ALIGNED)
-    grad_ptr = _table_pointer(row_ptr, 1, GRAD_DTYPE, ALIGNED)
-    out_ptr = _table_pointer(row_ptr, 2, OUT_DTYPE, ALIGNED)
+    buf_ptr = table_pointer(row_ptr, 0, BUF_DTYPE, ALIGNED)
+    grad_ptr = table_pointer(row_ptr, 1, GRAD_DTYPE, ALIGNED)
+    out_ptr = table_pointer(row_ptr, 2, OUT_DTYPE, ALIGNED)
     numel = tl.load(row_ptr + 3)
     chunk = tl.load(row_ptr + 4)
     chunk_start = chunk * CHUNK
@@ -119,7 +119,7 @@ def muon_momentum_stack_(
     # Every (matrix, chunk) partial is written by exactly one program, so no zero-fill is needed.
     partials = torch.empty((len(bufs), max_chunks), dtype=torch.float32, device=out.device) if normalize else out
     with device_guard(out):
-        for dtypes, aligned, table in _chunk_tables((bufs, grads, outs), out.device):
+        for dtypes, aligned, table in chunk_tables((bufs, grads, outs), out.device):
             _momentum_stack_kernel[(table.shape[0],)](
                 table,
                 partials,
@@ -127,7 +127,7 @@ def muon_momentum_stack_(
                 numel * out.element_size(),
                 max_chunks,
                 beta,
-                *(_TL_DTYPES[dtype] for dtype in dtypes),
+                *(TL_DTYPES[dtype] for dtype in dtypes),
                 NESTEROV=nesterov,
                 NORMALIZE=normalize,
                 ALIGNED=aligned,
@@ -150,7 +150,7 @@ def muon_momentum_stack_(
 
 
 def _supports(bufs, grads, out, *_) -> str | None:
-    return _unsupported_lists(bufs=bufs, grads=grads, out=[out])
+    return unsupported_lists(bufs=bufs, grads=grads, out=[out])
 
 
 OPS = {"muon_momentum_stack_": muon_momentum_stack_}

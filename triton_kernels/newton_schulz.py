@@ -89,12 +89,17 @@ def _num_partials(batch: int, m: int, n: int, device: torch.device) -> int:
 
 def _launch_chunk(G, partials, x_buffers, gram, schedule, eps, config, upcast, normalized=False) -> None:
     """The whole iteration for a stack G (batch, m, n) short enough for one grid; step i reads
-    x_buffers[i % 2] and writes the other, so the result lands in x_buffers[steps % 2]."""
+    x_buffers[i % 2] and writes the other, so the result lands in x_buffers[steps % 2]. With a
+    normalized G already in the compute dtype and contiguous, step 0 reads G itself (never writes it):
+    no copy pass into x_buffers[0]."""
     batch, m, n = G.shape
     size, tall = min(m, n), m > n
     x, x_next = x_buffers
-    if normalized:  # G is X₀ already (muon_momentum_stack_(normalize=True)): only a cast into the workspace
-        x.copy_(G)
+    if normalized:  # G is X₀ already (muon_momentum_stack_(normalize=True))
+        if schedule.triples and G.dtype == x.dtype and G.is_contiguous():
+            x = G
+        else:
+            x.copy_(G)  # a cast into the workspace
     else:
         acc_dtype = tl.float64 if partials.dtype == torch.float64 else tl.float32
         num_partials = partials.shape[1]
@@ -131,7 +136,8 @@ def _launch_chunk(G, partials, x_buffers, gram, schedule, eps, config, upcast, n
             right.stride(1), 1, x.stride(0), a,
             BLOCK_M=config.block, BLOCK_N=config.block, GROUP_M=_GROUP_M, **blocks, **launch,
         )
-        x, x_next = x_next, x
+        # G (when step 0 read it) is never a destination: the next step writes x_buffers[0].
+        x, x_next = x_next, (x_buffers[0] if x is G else x)
 
 
 def _newton_schulz(

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .muon import device_guard, lerp, unsupported_tensors
+from ._common import device_guard, lerp, unsupported_tensors
 
 ROW_TILE_ELEMENTS = 4096  # elements of O per row-stats iteration (BLOCK_M x BLOCK_N)
 APPLY_TILE_ELEMENTS = 4096

@@ -7,14 +7,8 @@
 H. Liu et al., "Sophia: A Scalable Stochastic Second-order Optimizer for Language Model
 Pre-training" (arXiv:2305.14342), Algorithm 3. The specification is `fastoptim.reference`.
 
-Multi-tensor mechanism: a chunk table. Every tensor of the lists is cut into chunks of CHUNK
-elements; one table row per chunk holds the i-th tensors' addresses (as int64, from data_ptr()),
-the tensors' element count and the chunk's index within them. One program handles one chunk: it
-loads its row and casts the addresses to typed pointers (`int64.to(tl.pointer_type(...))`, which
-the compiler and the interpreter both support). Nothing is copied or concatenated; the tensors
-are grouped by their dtype combination (element types are compile-time constants), one launch per
-group. Tables are cached by their content (addresses, sizes, dtypes), so an optimizer whose state
-does not move builds and uploads each table once.
+Multi-tensor mechanism: the chunk table of `_common` (one program per chunk of any tensor of the
+lists, addresses cast to typed pointers in the kernel; one launch per dtype combination).
 
 Full blocks load and store without a mask (so loads vectorize although sizes come from memory);
 only a tensor's last block is masked. The unclipped count is summed per program and added with
@@ -24,29 +18,14 @@ total, on the device.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 import triton
 import triton.language as tl
 
-from .muon import device_guard, lerp, unsupported_tensors
+from ._common import CHUNK, TL_DTYPES, chunk_tables, device_guard, lerp, table_pointer, unsupported_lists
 
-CHUNK = 16384  # elements per program
 BLOCK = 1024  # elements per iteration within a chunk
 NUM_WARPS = 4
-ALIGNMENT = 16  # bytes: addresses all aligned to this are hinted so loads vectorize
-TABLE_CACHE_SIZE = 64
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-@triton.jit
-def _table_pointer(row_ptr, column: tl.constexpr, dtype: tl.constexpr, ALIGNED: tl.constexpr):
-    pointer = tl.load(row_ptr + column).to(tl.pointer_type(dtype))
-    if ALIGNED:
-        pointer = tl.multiple_of(pointer, 16)
-    return pointer
 
 
 @triton.jit
@@ -92,10 +71,10 @@ def _sophia_kernel(
     """Bytes per element: reads p, g, m, h; writes p, m: 2·|p| + |g| + 2·|m| + |h|
     (24 in fp32; 18 for bf16 params and grads with fp32 states)."""
     row_ptr = table_ptr + tl.program_id(0).to(tl.int64) * 6
-    param_ptr = _table_pointer(row_ptr, 0, PARAM_DTYPE, ALIGNED)
-    grad_ptr = _table_pointer(row_ptr, 1, GRAD_DTYPE, ALIGNED)
-    exp_avg_ptr = _table_pointer(row_ptr, 2, EXP_AVG_DTYPE, ALIGNED)
-    hessian_ptr = _table_pointer(row_ptr, 3, HESSIAN_DTYPE, ALIGNED)
+    param_ptr = table_pointer(row_ptr, 0, PARAM_DTYPE, ALIGNED)
+    grad_ptr = table_pointer(row_ptr, 1, GRAD_DTYPE, ALIGNED)
+    exp_avg_ptr = table_pointer(row_ptr, 2, EXP_AVG_DTYPE, ALIGNED)
+    hessian_ptr = table_pointer(row_ptr, 3, HESSIAN_DTYPE, ALIGNED)
     numel = tl.load(row_ptr + 4)
     chunk_start = tl.load(row_ptr + 5) * CHUNK
     count = tl.zeros((), dtype=tl.int32)
@@ -159,8 +138,8 @@ def _hessian_ema_kernel(
 ):
     """Bytes per element: reads h and ĥ, writes h: 2·|h| + |ĥ| (12 in fp32)."""
     row_ptr = table_ptr + tl.program_id(0).to(tl.int64) * 4
-    hessian_ptr = _table_pointer(row_ptr, 0, HESSIAN_DTYPE, ALIGNED)
-    estimate_ptr = _table_pointer(row_ptr, 1, ESTIMATE_DTYPE, ALIGNED)
+    hessian_ptr = table_pointer(row_ptr, 0, HESSIAN_DTYPE, ALIGNED)
+    estimate_ptr = table_pointer(row_ptr, 1, ESTIMATE_DTYPE, ALIGNED)
     numel = tl.load(row_ptr + 2)
     chunk_start = tl.load(row_ptr + 3) * CHUNK
     for block in range(0, tl.minimum(numel - chunk_start, CHUNK), BLOCK):
@@ -171,45 +150,6 @@ def _hessian_ema_kernel(
             )
         else:
             _hessian_ema_block(hessian_ptr, estimate_ptr, offsets, offsets < numel, one_minus_beta2)
-
-
-# --------------------------------------------------------------------------------------------------
-# Chunk tables
-
-_table_cache: OrderedDict[tuple, list[tuple[tuple[torch.dtype, ...], bool, torch.Tensor]]] = OrderedDict()
-
-
-def _chunk_tables(
-    lists: tuple[list[torch.Tensor], ...], device: torch.device
-) -> list[tuple[tuple[torch.dtype, ...], bool, torch.Tensor]]:
-    """For each dtype combination of the i-th tensors of `lists`: (dtypes, aligned, table), where
-    table is an int64 (chunks, len(lists) + 2) tensor on `device` with rows
-    (address of each list's tensor..., numel, chunk index). Empty tensors get no rows."""
-    entries = []
-    for tensors in zip(*lists):
-        numel = tensors[0].numel()
-        if numel:
-            entries.append((tuple(t.dtype for t in tensors), tuple(t.data_ptr() for t in tensors), numel))
-    key = (device, CHUNK, tuple(entries))
-    cached = _table_cache.get(key)
-    if cached is not None:
-        _table_cache.move_to_end(key)
-        return cached
-    groups: dict[tuple[torch.dtype, ...], list[list[int]]] = {}
-    for dtypes, addresses, numel in entries:
-        rows = groups.setdefault(dtypes, [])
-        rows.extend([*addresses, numel, chunk] for chunk in range(triton.cdiv(numel, CHUNK)))
-    tables = []
-    for dtypes, rows in groups.items():
-        aligned = all(address % ALIGNMENT == 0 for row in rows for address in row[: len(lists)])
-        table = torch.tensor(rows, dtype=torch.int64)
-        if device.type == "cuda":
-            table = table.pin_memory().to(device, non_blocking=True)
-        tables.append((dtypes, aligned, table))
-    _table_cache[key] = tables
-    if len(_table_cache) > TABLE_CACHE_SIZE:
-        _table_cache.popitem(last=False)
-    return tables
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,7 +172,7 @@ def sophia_step_(
         return
     device = params[0].device
     with device_guard(params[0]):
-        tables = _chunk_tables((params, grads, exp_avgs, hessians), device)
+        tables = chunk_tables((params, grads, exp_avgs, hessians), device)
         count = torch.zeros((), dtype=torch.int64, device=device) if unclipped_out is not None else None
         for dtypes, aligned, table in tables:
             _sophia_kernel[(table.shape[0],)](
@@ -243,7 +183,7 @@ def sophia_step_(
                 1.0 - beta1,
                 rho,
                 eps,
-                *(_TL_DTYPES[dtype] for dtype in dtypes),
+                *(TL_DTYPES[dtype] for dtype in dtypes),
                 ALIGNED=aligned,
                 COUNT=count is not None,
                 CHUNK=CHUNK,
@@ -259,11 +199,11 @@ def hessian_ema_(hessians: list[torch.Tensor], estimates: list[torch.Tensor], be
     if not hessians:
         return
     with device_guard(hessians[0]):
-        for dtypes, aligned, table in _chunk_tables((hessians, estimates), hessians[0].device):
+        for dtypes, aligned, table in chunk_tables((hessians, estimates), hessians[0].device):
             _hessian_ema_kernel[(table.shape[0],)](
                 table,
                 1.0 - beta2,
-                *(_TL_DTYPES[dtype] for dtype in dtypes),
+                *(TL_DTYPES[dtype] for dtype in dtypes),
                 ALIGNED=aligned,
                 CHUNK=CHUNK,
                 BLOCK=BLOCK,
@@ -271,21 +211,12 @@ def hessian_ema_(hessians: list[torch.Tensor], estimates: list[torch.Tensor], be
             )
 
 
-def _unsupported_lists(**lists: list[torch.Tensor]) -> str | None:
-    for name, tensors in lists.items():
-        for i, tensor in enumerate(tensors):
-            reason = unsupported_tensors(**{f"{name}[{i}]": tensor})
-            if reason is not None:
-                return reason
-    return None
-
-
 def _supports_sophia(params, grads, exp_avgs, hessians, unclipped_out, lr, beta1, rho, weight_decay, eps):
-    return _unsupported_lists(params=params, grads=grads, exp_avgs=exp_avgs, hessians=hessians)
+    return unsupported_lists(params=params, grads=grads, exp_avgs=exp_avgs, hessians=hessians)
 
 
 def _supports_hessian_ema(hessians, estimates, beta2):
-    return _unsupported_lists(hessians=hessians, estimates=estimates)
+    return unsupported_lists(hessians=hessians, estimates=estimates)
 
 
 OPS = {"sophia_step_": sophia_step_, "hessian_ema_": hessian_ema_}

@@ -1,0 +1,107 @@
+"""What the Triton kernel families share: torch's lerp, the device guard, the dtype/layout check,
+and the multi-tensor chunk table.
+
+Multi-tensor mechanism (Sophia, the Hessian EMA, Muon's bucket momentum): every tensor of the lists
+is cut into chunks of CHUNK elements; one table row per chunk holds the i-th tensors' addresses (as
+int64, from data_ptr()), the tensors' element count and the chunk's index within them. One program
+handles one chunk: it loads its row and casts the addresses to typed pointers (`table_pointer`).
+Nothing is copied or concatenated; tensors are grouped by their dtype combination (element types are
+compile-time constants), one launch per group. Tables are cached by their content (addresses, sizes,
+dtypes), so an optimizer whose state does not move builds and uploads each table once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+CHUNK = 16384  # elements per program of a multi-tensor kernel
+ALIGNMENT = 16  # bytes: addresses all aligned to this are hinted so loads vectorize
+TABLE_CACHE_SIZE = 64
+
+
+@triton.jit
+def lerp(start, end, weight):
+    """torch.lerp's formula: start + w·(end - start) for |w| < 0.5, else end - (end - start)·(1 - w)
+    (exact at both ends). Shared with the other op families of this package."""
+    return tl.where(
+        tl.abs(weight) < 0.5, start + weight * (end - start), end - (end - start) * (1.0 - weight)
+    )
+
+
+def device_guard(tensor: torch.Tensor):
+    """Launch on the tensor's GPU (Triton launches on the current device)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def unsupported_tensors(**tensors: torch.Tensor | None) -> str | None:
+    """None when every given tensor can be handled by these kernels, else the reason."""
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            return f"{name} has dtype {tensor.dtype}; the Triton kernels take float32, bfloat16 or float16"
+        if not tensor.is_contiguous():
+            stride = tuple(tensor.stride())
+            return f"{name} is not contiguous (stride {stride}); the Triton kernels need dense tensors"
+    return None
+
+
+def unsupported_lists(**lists: list[torch.Tensor]) -> str | None:
+    for name, tensors in lists.items():
+        for i, tensor in enumerate(tensors):
+            reason = unsupported_tensors(**{f"{name}[{i}]": tensor})
+            if reason is not None:
+                return reason
+    return None
+
+
+@triton.jit
+def table_pointer(row_ptr, column: tl.constexpr, dtype: tl.constexpr, ALIGNED: tl.constexpr):
+    """The typed pointer stored (as an int64 address) in column `column` of a chunk-table row."""
+    pointer = tl.load(row_ptr + column).to(tl.pointer_type(dtype))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+_table_cache: OrderedDict[tuple, list[tuple[tuple[torch.dtype, ...], bool, torch.Tensor]]] = OrderedDict()
+
+
+def chunk_tables(
+    lists: tuple[list[torch.Tensor], ...], device: torch.device
+) -> list[tuple[tuple[torch.dtype, ...], bool, torch.Tensor]]:
+    """For each dtype combination of the i-th tensors of `lists`: (dtypes, aligned, table), where
+    table is an int64 (chunks, len(lists) + 2) tensor on `device` with rows
+    (address of each list's tensor..., numel, chunk index). Empty tensors get no rows."""
+    entries = []
+    for tensors in zip(*lists):
+        numel = tensors[0].numel()
+        if numel:
+            entries.append((tuple(t.dtype for t in tensors), tuple(t.data_ptr() for t in tensors), numel))
+    key = (device, CHUNK, tuple(entries))
+    cached = _table_cache.get(key)
+    if cached is not None:
+        _table_cache.move_to_end(key)
+        return cached
+    groups: dict[tuple[torch.dtype, ...], list[list[int]]] = {}
+    for dtypes, addresses, numel in entries:
+        rows = groups.setdefault(dtypes, [])
+        rows.extend([*addresses, numel, chunk] for chunk in range(triton.cdiv(numel, CHUNK)))
+    tables = []
+    for dtypes, rows in groups.items():
+        aligned = all(address % ALIGNMENT == 0 for row in rows for address in row[: len(lists)])
+        table = torch.tensor(rows, dtype=torch.int64)
+        if device.type == "cuda":
+            table = table.pin_memory().to(device, non_blocking=True)
+        tables.append((dtypes, aligned, table))
+    _table_cache[key] = tables
+    if len(_table_cache) > TABLE_CACHE_SIZE:
+        _table_cache.popitem(last=False)
+    return tables
