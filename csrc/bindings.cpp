@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "launchers.h"
+#include "multi_tensor.cuh"
 
 namespace {
 
@@ -310,23 +311,26 @@ at::Tensor newton_schulz(const at::Tensor& G, const std::vector<double>& coeffic
   const at::Tensor stack = G.dim() == 3 ? G : G.dim() == 2 ? G.unsqueeze(0) : G.view({-1, m, n});
   const int64_t batch = stack.size(0);
   const c10::cuda::CUDAGuard guard(G.device());
-  at::Tensor X = at::empty({batch, m, n}, G.options().dtype(compute_dtype));
-  if (normalized) {  // G is X₀ already (muon_momentum_stack_ with normalize): a cast into the workspace
+  const size_t steps = coefficients.size() / 3;
+  const bool iterate = steps > 0 && batch > 0 && m > 0 && n > 0;
+  // A normalized G already in the compute dtype is read by step 0 in place (never written): no copy.
+  const bool read_in_place = normalized && iterate && stack.scalar_type() == compute_dtype && stack.is_contiguous();
+  at::Tensor X = read_in_place ? stack : at::empty({batch, m, n}, G.options().dtype(compute_dtype));
+  if (normalized && !read_in_place) {  // G is X₀ already: a cast into the workspace
     X.copy_(stack);
-  } else {
+  } else if (!normalized) {
     at::Tensor sums = at::zeros({batch}, G.options().dtype(at::kFloat));
     CHECK_CUDA_LAUNCH(fastoptim::launch_ns_prologue(
         stack.data_ptr(), to_dtype(stack, "G"), X.data_ptr(), to_dtype(X, "compute_dtype"),
         sums.data_ptr<float>(), batch, m, n, stack.stride(0), stack.stride(1), stack.stride(2),
         static_cast<float>(safety), static_cast<float>(eps), current_stream()));
   }
-  const size_t steps = coefficients.size() / 3;
-  if (steps > 0 && batch > 0 && m > 0 && n > 0) {
+  if (iterate) {
     const bool tall = m > n;
     const int64_t s = tall ? n : m;
     at::Tensor A = at::empty({batch, s, s}, X.options());
     at::Tensor B = at::empty({batch, s, s}, X.options());
-    at::Tensor next = at::empty_like(X);
+    at::Tensor next = at::empty({batch, m, n}, X.options());
     const bool symmetric = use_symmetric && compute_dtype != at::kFloat;
     for (size_t step = 0; step < steps; ++step) {
       const double a = coefficients[3 * step], b = coefficients[3 * step + 1], c = coefficients[3 * step + 2];
@@ -346,7 +350,12 @@ at::Tensor newton_schulz(const at::Tensor& G, const std::vector<double>& coeffic
       } else {
         at::baddbmm_out(next, X, B, X, /*beta=*/a, /*alpha=*/1.0);
       }
-      std::swap(X, next);
+      if (X.is_same(stack)) {  // step 0 read G: the next step writes a workspace of its own
+        X = next;
+        next = at::empty({batch, m, n}, X.options());
+      } else {
+        std::swap(X, next);
+      }
     }
   }
   return X.view(G.sizes());
@@ -356,6 +365,8 @@ at::Tensor newton_schulz(const at::Tensor& G, const std::vector<double>& coeffic
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastoptim CUDA kernels";
+  // Elements per block of the multi-tensor kernels: the chunk count of muon_momentum_stack_'s partials.
+  m.attr("MULTI_TENSOR_CHUNK") = fastoptim::kChunk;
   m.def("muon_apply_", &muon_apply_, "p <- p*(1-lr*wd) [cautious]; p <- p - lr*scale*update (in place)",
         py::arg("param"), py::arg("update"), py::arg("lr"), py::arg("weight_decay"), py::arg("scale"),
         py::arg("cautious"));

@@ -41,14 +41,10 @@ def muon_momentum_(buf, grad, nesterov_out, beta) -> None:
     _C.muon_momentum_(buf, grad, nesterov_out, beta)
 
 
-# Elements per block of the multi-tensor kernels (csrc/multi_tensor.cuh: kChunk).
-_CHUNK = 1 << 16
-
-
 def muon_momentum_stack_(bufs, grads, out, beta, nesterov, normalize=False, safety=1.0, eps=1e-7) -> None:
     if out.numel() == 0:
         return
-    chunks = -(-out[0].numel() // _CHUNK)
+    chunks = -(-out[0].numel() // _C.MULTI_TENSOR_CHUNK)
     # Every (matrix, chunk) partial is written by exactly one block: no zero-fill needed.
     partials = torch.empty((out.shape[0], chunks), dtype=torch.float32, device=out.device) if normalize else None
     # The kernel takes bufs of one dtype and grads of one dtype: one launch per combination.
