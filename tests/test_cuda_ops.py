@@ -274,3 +274,17 @@ def test_cuda_and_triton_backends_agree_on_every_op():
         for a, b in zip(cuda, triton):
             assert torch.isfinite(a).all()
             torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 5])
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_newton_schulz_cuda_normalized_input_is_read_not_written(steps, compute_dtype):
+    G = torch.randn(3, 48, 80, device="cuda")
+    X0 = (G / (torch.linalg.matrix_norm(G, keepdim=True) + 1e-7)).to(compute_dtype)
+    before = X0.clone()
+    kwargs = dict(steps=steps, compute_dtype=compute_dtype, normalized=True)
+    out = fastoptim.newton_schulz(X0, backend="cuda", **kwargs)
+    assert torch.equal(X0, before) and out.data_ptr() != X0.data_ptr()
+    expected = fastoptim.newton_schulz(before, backend="torch", **kwargs)
+    tol = TOLERANCE[compute_dtype]
+    torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)

@@ -215,3 +215,14 @@ def test_normalized_input_matches_torch(shape, triton_device):
     expected = fastoptim.newton_schulz(X0, backend="torch", **kwargs)
     _assert_close(out.cpu(), expected)
     _assert_close(out.cpu(), fastoptim.newton_schulz(G, backend="torch", compute_dtype=torch.float32))
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 5])
+def test_normalized_input_is_read_not_written(steps, triton_device):
+    G = torch.randn(2, 24, 40)
+    X0 = (G / (torch.linalg.matrix_norm(G, keepdim=True) + 1e-7)).to(triton_device)
+    before = X0.clone()
+    kwargs = dict(steps=steps, compute_dtype=torch.float32, normalized=True)
+    out = fastoptim.newton_schulz(X0, backend="triton", **kwargs)
+    assert torch.equal(X0, before) and out.data_ptr() != X0.data_ptr()
+    _assert_close(out.cpu(), fastoptim.newton_schulz(before.cpu(), backend="torch", **kwargs))

@@ -158,8 +158,8 @@ def normuon_step_(
         p <- p - lr·scale·Ô
 
     scale = max(1, m/n)^½ reproduces the official code; 0.2·√max(m, n) gives the paper's
-    AdamW-matched update RMS of 0.2. A matrix with no columns leaves v unchanged (its row mean
-    is taken as 0 rows of nothing: the EMA moves v toward 0).
+    AdamW-matched update RMS of 0.2. A matrix with no columns has row mean 0: the EMA moves v
+    toward 0.
     """
     acc = _accumulate_dtype(param, update, second_moment)
     O = update.to(acc)
