@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import fastoptim
-from fastoptim import Muon, NorMuon, SophiaG
+from fastoptim import Muon, NorMuon, SophiaG, SophiaH
 
 STEPS = 4
 GLOBAL_BATCH = 8
@@ -67,6 +67,8 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
         return NorMuon(groups(model), **common)
     if name == "sophia":
         return SophiaG(model.parameters(), lr=1e-2, rho=0.05, bs=GLOBAL_BATCH)
+    if name == "sophiah":  # refreshes on steps 0 and 2
+        return SophiaH(model.parameters(), lr=1e-2, rho=0.05, update_period=2)
     raise ValueError(name)
 
 
@@ -77,6 +79,9 @@ def train(model: nn.Module, opt, name: str, steps: int, start: int = 0, rank: in
         x, y = batch(step)
         x, y = x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]
         opt.zero_grad()
+        if name == "sophiah":  # differentiates the closure's loss itself (twice on refresh steps)
+            opt.step(lambda x=x, y=y: ((model(x) - y) ** 2).mean())
+            continue
         ((model(x) - y) ** 2).mean().backward()
         opt.step()
         if name == "sophia" and step % 2 == 0:  # a Hessian refresh from the same loss's g⊙g
@@ -170,6 +175,11 @@ def run_placements(world: int, results: dict) -> None:
             results[key] = None
         except ValueError as e:
             results[key] = str(e)
+    try:
+        SophiaH(_fsdp_net().named_parameters())
+        results["error_sophiah_fsdp2"] = None
+    except ValueError as e:
+        results["error_sophiah_fsdp2"] = str(e)
     NorMuon([{"params": [by_columns], "use_muon": False}])  # elementwise AdamW takes any placement
     results["adamw_shard1_accepted"] = True
 
@@ -181,7 +191,7 @@ def main() -> None:
     torch.set_num_threads(1)
     results: dict = {"fastoptim": fastoptim.__file__}
     try:
-        for name in ("muon", "normuon"):
+        for name in ("muon", "normuon", "sophiah"):
             run_ddp(name, rank, world, results)
         for name in ("muon", "normuon", "sophia"):
             run_fsdp(name, rank, world, results)

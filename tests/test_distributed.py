@@ -93,8 +93,10 @@ def _moved(want: dict) -> None:
         assert (v - start[k]).abs().max() > 1e-4, k
 
 
-@pytest.mark.parametrize("name", ["muon", "normuon"])
+@pytest.mark.parametrize("name", ["muon", "normuon", "sophiah"])
 def test_ddp_matches_one_process_and_ranks_are_bit_identical(ranks, name):
+    """SophiaH: its closure runs through DDP, whose all-reduce autograd.grad bypasses; SophiaH averages
+    the gradients and the Hutchinson estimates itself."""
     want, _ = _single(name)
     _moved(want)
     _assert_close(ranks[0][f"ddp_{name}"], want)
@@ -103,7 +105,7 @@ def test_ddp_matches_one_process_and_ranks_are_bit_identical(ranks, name):
             assert torch.equal(v, other[f"ddp_{name}"][k]), k
 
 
-@pytest.mark.parametrize("name", ["muon", "normuon"])
+@pytest.mark.parametrize("name", ["muon", "normuon", "sophiah"])
 def test_ddp_state_is_replicated_and_loads_in_one_process(ranks, name):
     state0 = ranks[0][f"ddp_{name}_state"]
     for other in ranks[1:]:
@@ -162,6 +164,9 @@ def test_unsupported_placement_is_refused_at_construction(ranks):
     message = ranks[0]["error_unnamed_replicate"]
     assert message is not None and "params[0]" in message and "Replicate()" in message
     assert ranks[0]["adamw_shard1_accepted"]
+    # SophiaH cannot reach sharded parameters with autograd.grad: refused, not silently skipped.
+    message = ranks[0]["error_sophiah_fsdp2"]
+    assert message is not None and "'conv.weight'" in message and "SophiaG" in message
 
 
 def test_work_is_balanced_by_flops_not_by_count():
@@ -184,3 +189,5 @@ def test_single_process_needs_no_process_group():
     worker.train(model, opt, "normuon", 1)
     with pytest.raises(TypeError, match="process_group"):
         fastoptim.Muon(model.parameters(), process_group="world")
+    with pytest.raises(TypeError, match="process_group"):
+        fastoptim.SophiaH(model.parameters(), process_group=2)

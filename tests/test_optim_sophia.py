@@ -109,6 +109,28 @@ def test_sophia_h_without_closure_and_linear_terms():
     assert not torch.equal(before, w)
 
 
+
+@pytest.mark.parametrize(
+    "closure, error, match",
+    [
+        (lambda w: None, TypeError, "closure must return the loss.*got NoneType"),
+        (lambda w: (w.detach() ** 2).sum(), TypeError, "without grad"),
+        (lambda w: (w**2).sum(0), TypeError, r"shape \(3,\)"),
+        (lambda w: torch.ones((), requires_grad=True) * 2, RuntimeError, "does not depend on any parameter"),
+    ],
+)
+def test_sophia_h_bad_closure_is_refused_before_anything_changes(closure, error, match):
+    w = torch.randn(3, 3, requires_grad=True)
+    opt = SophiaH([w], lr=0.1)
+    opt.step(lambda: (w**2).sum())  # state exists
+    before, state = w.detach().clone(), {k: v.clone() for k, v in opt.state[w].items()}
+    grad = w.grad.clone()
+    with pytest.raises(error, match=match):
+        opt.step(lambda: closure(w))
+    assert torch.equal(w, before) and torch.equal(w.grad, grad)
+    assert all(torch.equal(opt.state[w][k], v) for k, v in state.items())
+    assert opt.param_groups[0]["hessian_step"] == 1
+
 def test_sampled_loss_gradient_and_labels():
     torch.manual_seed(1)
     logits = torch.randn(4, 7, 11, requires_grad=True)

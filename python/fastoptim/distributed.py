@@ -35,8 +35,13 @@ Sharded — DTensor parameters placed ``[Shard(0)]`` on a 1-D mesh (FSDP2 ``full
     The all-to-all of bucket b+1 runs while bucket b is orthogonalized. Any other placement (Shard(1),
     Replicate, Partial, a 2-D mesh) is refused at construction with a ValueError naming the parameter.
 
-AdamW groups and Sophia are elementwise and run on each rank's local shard (torch's foreach AdamW
-takes DTensors; Sophia's ops get `local_tensor` views): no communication.
+AdamW groups and SophiaG are elementwise and run on each rank's local shard (torch's foreach AdamW
+takes DTensors; Sophia's ops get `local_tensor` views): no communication; their gradients are the ones
+DDP or FSDP2 reduced in backward(). SophiaH differentiates its closure's loss itself
+(torch.autograd.grad, which DDP's and FSDP2's backward hooks never see): with replicated parameters it
+averages the gradients and the Hutchinson estimates over ``process_group`` (`all_reduce_mean`, one
+asynchronous all-reduce each, the gradients' overlapping the Hessian-vector product); DTensor
+(FSDP2) parameters are refused at construction, since autograd.grad cannot reach sharded parameters.
 
 Communication per step, bytes per rank (W ranks; the matrices (m_i, n_i) of the matrix groups; b_p the
 parameter's element size; b_d the size of the direction D sent back: ns_dtype's for Muon (2 for bfloat16),
@@ -50,8 +55,10 @@ of matrix i on rank r, ~m_i/W; "owned" by the rank from `assign_work`):
   receives Σ_{i owned} (m_i - rows_iq)·n_i·b_p + Σ_{i not owned} rows_iq·n_i·b_d (plus the same with
   n_i·b → r for the ``second_moment`` rows): on average (1/W)·(1 - 1/W)·Σ_i m_i·(n_i·(b_p + b_d) + 2r)
   each way — about (b_p + b_d)/(W·b_p) of one FSDP2 all-gather of the same matrices.
-- AdamW and Sophia parameters: 0 in both modes. Once per new bucket layout (the first step): one
-  all_gather_object of the layout, so that ranks that disagree raise instead of hanging.
+- AdamW and SophiaG parameters: 0 in both modes. SophiaH (replicated): one all-reduce of its gradients
+  per step, 2·(1 - 1/W)·Σ numel·b_grad as DDP's, and one of the Hutchinson estimates per refresh.
+- Once per new bucket layout (the first step): one all_gather_object of the layout, so that ranks that
+  disagree raise instead of hanging.
 
 Memory: the replicated step adds one bucket's stack of owned matrices (as one process does); the
 sharded step holds, while its all-to-alls are in flight, the rank's rows of every matrix and the whole
@@ -116,7 +123,7 @@ def check_placements(params: Sequence[Tensor], names: Sequence[str] | None = Non
         )
 
 
-def _replicate_group(process_group: Any) -> Any:
+def replicate_group(process_group: Any) -> Any:
     """The group plain (replicated) parameters are split over, or None when there is nothing to split."""
     if process_group == "auto":
         if not (dist.is_available() and dist.is_initialized()):
@@ -127,9 +134,34 @@ def _replicate_group(process_group: Any) -> Any:
     return process_group
 
 
+def all_reduce_mean(tensors: Sequence[Tensor], process_group: Any) -> Callable[[], list[Tensor]]:
+    """Starts averaging `tensors` over `process_group` (one asynchronous all-reduce per dtype and device
+    of a flat copy: the inputs are only read) and returns finish(), which waits and returns the means,
+    shaped like the inputs (views of the flat buffers). Sum, then divide: gloo has no ReduceOp.AVG."""
+    world = dist.get_world_size(process_group)
+    by_kind: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_kind.setdefault((t.dtype, t.device), []).append(i)
+    pending = []
+    for indices in by_kind.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices])
+        pending.append((indices, flat, dist.all_reduce(flat, group=process_group, async_op=True)))
+
+    def finish() -> list[Tensor]:
+        out: list[Tensor] = list(tensors)
+        for indices, flat, work in pending:
+            work.wait()
+            flat.div_(world)
+            for i, piece in zip(indices, flat.split([tensors[i].numel() for i in indices])):
+                out[i] = piece.view(tensors[i].shape)
+        return out
+
+    return finish
+
+
 def is_distributed(process_group: Any, params: Sequence[Tensor]) -> bool:
     """Whether a matrix group takes the distributed step (else the single-process one)."""
-    return _replicate_group(process_group) is not None or any(is_dtensor(p) for p in params)
+    return replicate_group(process_group) is not None or any(is_dtensor(p) for p in params)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,7 +249,7 @@ def matrix_group_step(opt: Any, group: dict[str, Any], process_group: Any) -> No
     for mesh, buckets in sharded.items():
         _sharded_step(opt, group, buckets, schedule, mesh)
     if replicated:
-        _replicated_step(opt, group, replicated, schedule, _replicate_group(process_group))
+        _replicated_step(opt, group, replicated, schedule, replicate_group(process_group))
 
 
 def _momentum(opt: Any, group: dict, p: Tensor, m: int, mesh: Any = None) -> Tensor | None:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import _validation as check
+from .. import distributed
 from ..distributed import local_tensor
 from ..ops import hessian_ema_, sophia_step_
 from ._base import check_backend, check_betas, check_grads, check_params, check_positive_int
@@ -39,6 +40,12 @@ def _by_device(items: list[tuple[Tensor, ...]]) -> dict[torch.device, list[tuple
     for item in items:
         out.setdefault(item[0].device, []).append(item)
     return out
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}" + ("" if value.requires_grad else " without grad")
+    return type(value).__name__
 
 
 class _Sophia(torch.optim.Optimizer):
@@ -62,8 +69,12 @@ class _Sophia(torch.optim.Optimizer):
             param_group = {**param_group, "params": params}
             plain = [p[1] if isinstance(p, tuple) else p for p in params]
             check_params("params", plain)
+            self._check_params(params)
             self._validate_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
+
+    def _check_params(self, params: list) -> None:
+        """What a subclass refuses beyond check_params (params: tensors or (name, tensor) pairs)."""
 
     def _state(self, p: Tensor) -> dict[str, Any]:
         state = self.state[p]
@@ -188,6 +199,16 @@ class SophiaH(_Sophia):
 
     A Hutchinson estimate can be negative; max(rho·h, eps) then turns that coordinate's step into
     a clipped sign step, as in the paper. State per parameter: ``exp_avg``, ``hessian``.
+
+    Distributed: torch.autograd.grad bypasses the backward hooks through which DDP all-reduces and
+    FSDP2 reduce-scatters gradients, so SophiaH reduces for itself. With replicated parameters
+    (``process_group``: "auto" = the default group when torch.distributed is initialized with more
+    than one rank, a ProcessGroup, or None = never) ``step(closure)`` averages the gradients and the
+    Hutchinson estimates over the group, each rank's closure returning the mean loss of its share of
+    the batch: every rank then takes the step of the whole batch (the probes u agree when the ranks
+    seed alike; otherwise the average is still an unbiased estimate). With DDP, compute the loss
+    inside ``ddp_model.no_sync()`` or with ``ddp_model.module``. DTensor (FSDP2) parameters are
+    refused at construction: autograd.grad cannot reach sharded parameters; use SophiaG there.
     """
 
     def __init__(
@@ -200,6 +221,7 @@ class SophiaH(_Sophia):
         eps: float = 1e-15,
         update_period: int = 10,
         backend: str = "auto",
+        process_group: Any = "auto",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -212,6 +234,7 @@ class SophiaH(_Sophia):
             backend=backend,
         )
         self._validate_group(defaults)
+        self._process_group = distributed.check_process_group(process_group)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any], where: str = "") -> None:
@@ -219,10 +242,22 @@ class SophiaH(_Sophia):
         check_positive_int(f"{where}update_period", group["update_period"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        param_group = {**param_group, "hessian_step": 0}  # a new group refreshes on its first step
+        if isinstance(param_group, dict):
+            param_group = {**param_group, "hessian_step": 0}  # a new group refreshes on its first step
         super().add_param_group(param_group)
 
-    def _refresh_hessian(self, due: list[dict[str, Any]], graph_grads: dict[Tensor, Tensor]) -> None:
+    def _check_params(self, params: list) -> None:
+        for i, p in enumerate(params):
+            name, p = (repr(p[0]), p[1]) if isinstance(p, tuple) else (f"params[{i}]", p)
+            if distributed.is_dtensor(p):
+                raise ValueError(
+                    f"parameter {name} (shape {tuple(p.shape)}) is a DTensor placed {list(p.placements)}: SophiaH "
+                    "takes its gradients and Hessian-vector products with torch.autograd.grad, which cannot reach "
+                    "sharded (FSDP2) parameters; use SophiaG, whose gradients come from backward()"
+                )
+
+    def _hutchinson(self, due: list[dict[str, Any]], graph_grads: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
+        """u ⊙ (H u) for every parameter of the due groups that has a gradient."""
         pairs = [(p, graph_grads[p]) for group in due for p in group["params"] if p in graph_grads]
         differentiable = [(p, g) for p, g in pairs if g.requires_grad]
         probes = [torch.randint_like(p, 2).mul_(2).sub_(1) for p, _ in differentiable]
@@ -238,14 +273,13 @@ class SophiaH(_Sophia):
             p: (torch.zeros_like(p) if hv is None else hv.mul_(u))
             for (p, _), u, hv in zip(differentiable, probes, hvps)
         }
+        # A gradient that does not depend on the parameters (a linear term) has H = 0 there.
+        return {p: estimates.get(p, torch.zeros_like(p)) for group in due for p in group["params"] if p in graph_grads}
+
+    def _fold_estimates(self, due: list[dict[str, Any]], estimates: dict[Tensor, Tensor]) -> None:
         for group in due:
             _, beta2 = group["betas"]
-            items = []
-            for p in group["params"]:
-                if p in graph_grads:
-                    # A gradient that does not depend on the parameters (a linear term) has H = 0 there.
-                    estimate = estimates.get(p, torch.zeros_like(p))
-                    items.append((local_tensor(self._state(p)["hessian"]), local_tensor(estimate)))
+            items = [(self._state(p)["hessian"], estimates[p]) for p in group["params"] if p in estimates]
             for batch in _by_device(items).values():
                 hessians, ests = (list(x) for x in zip(*batch))
                 hessian_ema_(hessians, ests, beta2, backend=group["backend"])
@@ -259,15 +293,39 @@ class SophiaH(_Sophia):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+                if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
+                    raise TypeError(
+                        "closure must return the loss as a one-element tensor that requires grad (its autograd "
+                        f"graph is differentiated here; do not call backward() in it), got {_describe(loss)}"
+                    )
                 params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
                 grads = torch.autograd.grad(loss, params, create_graph=bool(due), allow_unused=True)
             graph_grads = {p: g for p, g in zip(params, grads) if g is not None}
+            if params and not graph_grads:
+                raise RuntimeError(
+                    "the closure's loss does not depend on any parameter of this SophiaH (every gradient is None)"
+                )
             for p, g in zip(params, grads):
                 p.grad = None if g is None else g.detach()
             check_grads(self.param_groups)
-            if due:
-                self._refresh_hessian(due, graph_grads)
+            replicas = distributed.replicate_group(self._process_group)
+            if replicas is None:
+                estimates = self._hutchinson(due, graph_grads) if due else {}
+            else:
+                # Every rank sends every parameter's gradient, zeros where it has none (as DDP does for
+                # unused parameters), so the collectives agree without a host synchronization. A flat
+                # copy is sent while the Hessian-vector product runs: p.grad aliases the graph's gradients.
+                local = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+                mean_grads = distributed.all_reduce_mean(local, replicas)
+                estimates = self._hutchinson(due, graph_grads) if due else {}
+                keys = [p for group in due for p in group["params"] if p.requires_grad]
+                local = [estimates.get(p, torch.zeros_like(p)) for p in keys]
+                estimates = dict(zip(keys, distributed.all_reduce_mean(local, replicas)()))
             del graph_grads, grads
+            if replicas is not None:
+                for p, g in zip(params, mean_grads()):
+                    p.grad = g
+            self._fold_estimates(due, estimates)
         else:
             check_grads(self.param_groups)
         with torch.no_grad():
