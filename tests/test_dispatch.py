@@ -85,6 +85,27 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         backends.select("newton_schulz", "triton", torch.device("cpu"))
 
 
+@pytest.mark.parametrize(
+    "triton_version, numpy_version, conflict",
+    [("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.1", "2.4.6", False), ("3.2.0", "2.4.0", True),
+     (None, "2.4.6", False)],
+)
+def test_interpreter_conflict_of_old_triton_and_new_numpy(monkeypatch, triton_version, numpy_version, conflict):
+    import numpy
+
+    monkeypatch.setattr(backends, "_triton_version", lambda: triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    reason = backends.interpreter_conflict()
+    assert (reason is not None) == conflict
+    if conflict:
+        assert f"triton {triton_version}" in reason and "numpy<2.4" in reason
+        status = backends.available()["triton"]
+        assert not status.available and "TRITON_INTERPRET=1, but" in status.reason
+        with pytest.raises(fastoptim.BackendUnavailableError, match="numpy<2.4"):
+            backends.select("newton_schulz", "triton", torch.device("cpu"))
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.library registration
 

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.timeout(300)  # a backstop: the fixture kills the ranks
 
 TIMEOUT_S = 150
 TOL = 1e-5
+needs_fsdp2_on_gloo = pytest.mark.skipif(not worker.FSDP2_ON_GLOO, reason=worker.FSDP2_ON_GLOO_REASON)
 
 
 def _free_port() -> int:
@@ -127,6 +128,7 @@ def test_ddp_state_is_replicated_and_loads_in_one_process(ranks, name):
         assert any("second_moment" in entry for entry in want.values())
 
 
+@needs_fsdp2_on_gloo
 @pytest.mark.parametrize("name", ["muon", "normuon", "sophia"])
 def test_fsdp2_matches_one_process(ranks, name):
     """Uneven Shard(0) included: the head has 7 rows (4 + 3 on 2 ranks, 2 + 2 + 2 + 1 on 4), the gate 1
@@ -137,6 +139,7 @@ def test_fsdp2_matches_one_process(ranks, name):
         _assert_close(result[f"fsdp_{name}"], want)
 
 
+@needs_fsdp2_on_gloo
 def test_fsdp2_normuon_second_moment_is_sharded_like_the_rows(ranks):
     from torch.distributed.tensor import Shard
 
@@ -150,6 +153,7 @@ def test_fsdp2_normuon_second_moment_is_sharded_like_the_rows(ranks):
         assert result["fsdp_normuon_head_second_moment_placements"] == [Shard(0)]
 
 
+@needs_fsdp2_on_gloo
 @pytest.mark.parametrize("name", ["normuon", "muon"])
 def test_fsdp2_checkpoint_round_trip_continues_exactly(ranks, name):
     for result in ranks:
@@ -158,6 +162,7 @@ def test_fsdp2_checkpoint_round_trip_continues_exactly(ranks, name):
             assert torch.equal(resumed[k], v), k
 
 
+@needs_fsdp2_on_gloo
 def test_unsupported_placement_is_refused_at_construction(ranks):
     message = ranks[0]["error_named_shard1"]
     assert message is not None and "blocks.0.attn.weight" in message and "Shard(dim=1)" in message

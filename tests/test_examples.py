@@ -11,8 +11,11 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+import _dist_worker as worker  # noqa: E402
 
 
+@pytest.mark.skipif(not worker.FSDP2_ON_GLOO, reason=worker.FSDP2_ON_GLOO_REASON)
 @pytest.mark.timeout(240)
 def test_fsdp_normuon_example_trains_under_torchrun():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -67,11 +67,32 @@ def _triton_version() -> str | None:
     return triton.__version__
 
 
+def interpreter_conflict() -> str | None:
+    """Why Triton's interpreter cannot run here, or None. Triton 3.6 and older convert the 1-element
+    arrays that hold scalars with int(), which numpy 2.4 refuses: every kernel whose loop bound is a
+    scalar fails with "only 0-dimensional arrays can be converted to Python scalars". Triton 3.7 fixed it."""
+    version = _triton_version()
+    if version is None:
+        return None
+    import numpy
+    from packaging.version import Version
+
+    if Version(version).release < (3, 7) and Version(numpy.__version__).release >= (2, 4):
+        return (
+            f"triton {version}'s interpreter cannot run with numpy {numpy.__version__} (it needs numpy<2.4; "
+            "triton>=3.7 works with both)"
+        )
+    return None
+
+
 def _triton_status() -> BackendStatus:
     version = _triton_version()
     if version is None:
         return BackendStatus("triton", False, "triton is not installed")
     if _triton_interpret():
+        conflict = interpreter_conflict()
+        if conflict is not None:
+            return BackendStatus("triton", False, f"TRITON_INTERPRET=1, but {conflict}")
         return BackendStatus(
             "triton", True, f"triton {version}, TRITON_INTERPRET=1: kernels run on CPU tensors"
         )

@@ -13,6 +13,7 @@ wrapper allocates the output and the op writes into it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import List  # torch < 2.7 infers op schemas from typing.List only, not list[...]
 
 import torch
 from torch import Tensor
@@ -29,7 +30,7 @@ from .coefficients import Schedule, resolve
 @torch.library.custom_op("fastoptim::newton_schulz", mutates_args=())
 def _newton_schulz_op(
     G: Tensor,
-    coefficients: list[float],
+    coefficients: List[float],
     safety: float,
     eps: float,
     compute_dtype: torch.dtype,
@@ -59,8 +60,8 @@ def _(buf, grad, nesterov_out, beta, backend):
 
 @torch.library.custom_op("fastoptim::muon_momentum_stack_", mutates_args=("bufs", "out"))
 def _muon_momentum_stack_op(
-    bufs: list[Tensor],
-    grads: list[Tensor],
+    bufs: List[Tensor],
+    grads: List[Tensor],
     out: Tensor,
     beta: float,
     nesterov: bool,
@@ -115,10 +116,10 @@ def _(param, update, second_moment, lr, weight_decay, beta2, eps, scale, cautiou
 
 @torch.library.custom_op("fastoptim::sophia_step_", mutates_args=("params", "exp_avgs", "unclipped_out"))
 def _sophia_step_op(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    hessians: list[Tensor],
+    params: List[Tensor],
+    grads: List[Tensor],
+    exp_avgs: List[Tensor],
+    hessians: List[Tensor],
     unclipped_out: Tensor | None,
     lr: float,
     beta1: float,
@@ -137,7 +138,7 @@ def _(params, grads, exp_avgs, hessians, unclipped_out, lr, beta1, rho, weight_d
 
 
 @torch.library.custom_op("fastoptim::hessian_ema_", mutates_args=("hessians",))
-def _hessian_ema_op(hessians: list[Tensor], estimates: list[Tensor], beta2: float, backend: str) -> None:
+def _hessian_ema_op(hessians: List[Tensor], estimates: List[Tensor], beta2: float, backend: str) -> None:
     args = (hessians, estimates, beta2)
     backends.implementation("hessian_ema_", backend, hessians[0].device, args)(*args)
 

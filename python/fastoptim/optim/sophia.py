@@ -206,9 +206,11 @@ class SophiaH(_Sophia):
     than one rank, a ProcessGroup, or None = never) ``step(closure)`` averages the gradients and the
     Hutchinson estimates over the group, each rank's closure returning the mean loss of its share of
     the batch: every rank then takes the step of the whole batch (the probes u agree when the ranks
-    seed alike; otherwise the average is still an unbiased estimate). With DDP, compute the loss
-    inside ``ddp_model.no_sync()`` or with ``ddp_model.module``. DTensor (FSDP2) parameters are
-    refused at construction: autograd.grad cannot reach sharded parameters; use SophiaG there.
+    seed alike; otherwise the average is still an unbiased estimate). The closure may run the
+    DDP-wrapped model (its reduction hooks never fire under autograd.grad: nothing is reduced twice).
+    A parameter without a gradient on a rank counts as zero there, as in DDP. DTensor (FSDP2)
+    parameters are refused at construction: autograd.grad cannot reach sharded parameters; use
+    SophiaG there.
     """
 
     def __init__(
