@@ -109,7 +109,8 @@ def _extension_modules():
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={
-            "cxx": ["-O3"],
+            # Only bindings.cpp sees it (the .cu files take no torch headers): fastoptim._C.TORCH_VERSION.
+            "cxx": ["-O3", f"-DFASTOPTIM_TORCH_VERSION={torch.__version__}"],
             "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
         },
     )

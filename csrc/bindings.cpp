@@ -363,8 +363,16 @@ at::Tensor newton_schulz(const at::Tensor& G, const std::vector<double>& coeffic
 
 }  // namespace
 
+#define FASTOPTIM_STRINGIFY_(x) #x
+#define FASTOPTIM_STRINGIFY(x) FASTOPTIM_STRINGIFY_(x)
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastoptim CUDA kernels";
+  // torch.__version__ of the build (setup.py passes it): torch has no stable C++ ABI, so the backend
+  // refuses an extension built against another torch instead of crashing in it.
+#ifdef FASTOPTIM_TORCH_VERSION
+  m.attr("TORCH_VERSION") = FASTOPTIM_STRINGIFY(FASTOPTIM_TORCH_VERSION);
+#endif
   // Elements per block of the multi-tensor kernels: the chunk count of muon_momentum_stack_'s partials.
   m.attr("MULTI_TENSOR_CHUNK") = fastoptim::kChunk;
   m.def("muon_apply_", &muon_apply_, "p <- p*(1-lr*wd) [cautious]; p <- p - lr*scale*update (in place)",

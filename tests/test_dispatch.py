@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import types
 
 import pytest
 import torch
@@ -29,8 +31,38 @@ def test_extension_was_built_when_forced():
     from fastoptim import _C
 
     assert hasattr(_C, "muon_apply_")
+    assert _C.TORCH_VERSION == torch.__version__  # built against the torch that runs it
     if not HAS_CUDA:
         assert "built, but no CUDA GPU" in backends.available()["cuda"].reason
+
+
+@pytest.mark.parametrize(
+    "module, match",
+    [
+        (types.SimpleNamespace(TORCH_VERSION="2.0.0+cu118"), r"built against torch 2\.0\.0\+cu118, this is torch"),
+        (ImportError("_C.so: undefined symbol: _ZN3c104cuda9SetDeviceEa"), "built against another torch"),
+        (ImportError("No module named 'fastoptim._C'"), "is not built"),
+    ],
+)
+def test_cuda_backend_refuses_an_extension_built_against_another_torch(monkeypatch, module, match):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, globals=None, locals=None, fromlist=(), level=0):
+        if level == 1 and name == "" and fromlist and "_C" in fromlist and (globals or {}).get("__name__") == (
+            "fastoptim.backends"
+        ):
+            if isinstance(module, ImportError):
+                raise module
+            return types.SimpleNamespace(_C=module)
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    status = backends._cuda_status.__wrapped__()
+    assert not status.available
+    assert re.search(match, status.reason), status.reason
+    assert "--no-build-isolation" in status.reason
 
 
 def test_auto_picks_torch_for_cpu_tensors(monkeypatch):

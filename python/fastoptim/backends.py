@@ -42,16 +42,34 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+_REBUILD = "FASTOPTIM_CUDA=1 pip install --no-build-isolation -e ."
+
+
 @functools.cache
 def _cuda_status() -> BackendStatus:
     try:
-        from . import _C  # noqa: F401
+        from . import _C
     except ImportError as exc:
+        if "undefined symbol" in str(exc):  # the usual sign of a build against another torch
+            return BackendStatus(
+                "cuda",
+                False,
+                f"fastoptim._C does not load with the running torch {torch.__version__} ({exc}): it was most likely "
+                f"built against another torch (pip's build isolation installs its own); rebuild with {_REBUILD}",
+            )
         return BackendStatus(
             "cuda",
             False,
             f"the extension fastoptim._C is not built ({exc}); reinstall on a machine with nvcc and a CUDA "
-            "build of torch (FASTOPTIM_CUDA=1 pip install --no-build-isolation -e .)",
+            f"build of torch ({_REBUILD})",
+        )
+    built_with = getattr(_C, "TORCH_VERSION", torch.__version__)
+    if built_with != torch.__version__:
+        return BackendStatus(
+            "cuda",
+            False,
+            f"fastoptim._C was built against torch {built_with}, this is torch {torch.__version__} (torch has no "
+            f"stable C++ ABI); rebuild with {_REBUILD}",
         )
     if not torch.cuda.is_available():
         return BackendStatus("cuda", False, "the extension fastoptim._C is built, but no CUDA GPU is visible")
