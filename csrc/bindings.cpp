@@ -3,6 +3,7 @@
 // direct callers of fastoptim._C.
 
 #include <c10/cuda/CUDAGuard.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
@@ -50,9 +51,8 @@ void muon_apply_(at::Tensor param, const at::Tensor& update, double lr, double w
   const auto update_dtype = to_dtype(update, "update");
   const c10::cuda::CUDAGuard guard(param.device());
   CHECK_CUDA_LAUNCH(fastoptim::launch_muon_apply(param.data_ptr(), param_dtype, update.data_ptr(), update_dtype,
-                                                 param.numel(), static_cast<float>(lr),
-                                                 static_cast<float>(weight_decay), static_cast<float>(scale),
-                                                 cautious, current_stream()));
+                                                 param.numel(), static_cast<float>(1.0 - lr * weight_decay),
+                                                 static_cast<float>(lr * scale), cautious, current_stream()));
 }
 
 void muon_momentum_(at::Tensor buf, const at::Tensor& grad, std::optional<at::Tensor> nesterov_out, double beta) {
@@ -76,7 +76,8 @@ void muon_momentum_(at::Tensor buf, const at::Tensor& grad, std::optional<at::Te
   const c10::cuda::CUDAGuard guard(buf.device());
   CHECK_CUDA_LAUNCH(fastoptim::launch_muon_momentum(buf.data_ptr(), to_dtype(buf, "buf"), grad.data_ptr(),
                                                     to_dtype(grad, "grad"), out_ptr, buf.numel(),
-                                                    static_cast<float>(beta), current_stream()));
+                                                    static_cast<float>(beta), static_cast<float>(1.0 - beta),
+                                                    current_stream()));
 }
 
 void normuon_step_(at::Tensor param, const at::Tensor& update, at::Tensor second_moment, double lr,
@@ -105,8 +106,8 @@ void normuon_step_(at::Tensor param, const at::Tensor& update, at::Tensor second
   CHECK_CUDA_LAUNCH(fastoptim::launch_normuon_step(
       param.data_ptr(), to_dtype(param, "param"), update.data_ptr(), to_dtype(update, "update"),
       second_moment.data_ptr<float>(), norms.data_ptr<float>(), n == 0 ? stacked : batch, m, n,
-      static_cast<float>(lr), static_cast<float>(weight_decay), static_cast<float>(beta2), static_cast<float>(eps),
-      static_cast<float>(scale), cautious, current_stream()));
+      static_cast<float>(1.0 - lr * weight_decay), static_cast<float>(1.0 - beta2), static_cast<float>(eps),
+      static_cast<float>(lr * scale), cautious, current_stream()));
 }
 
 // Pointers and sizes of a list of tensors, checked for one device, contiguity and one dtype.
@@ -152,6 +153,7 @@ void sophia_step_(const std::vector<at::Tensor>& params, const std::vector<at::T
   unsigned long long* counter = nullptr;
   if (unclipped_count.has_value()) {
     CHECK_CUDA(*unclipped_count);
+    CHECK_SAME_DEVICE(*unclipped_count, first);
     TORCH_CHECK(unclipped_count->scalar_type() == at::kLong && unclipped_count->numel() == 1,
                 "unclipped_count must be a one-element int64 tensor");
     counter = reinterpret_cast<unsigned long long*>(unclipped_count->data_ptr<int64_t>());
@@ -161,8 +163,9 @@ void sophia_step_(const std::vector<at::Tensor>& params, const std::vector<at::T
   const c10::cuda::CUDAGuard guard(first.device());
   CHECK_CUDA_LAUNCH(fastoptim::launch_sophia_step(
       p.ptrs.data(), p.dtype, g.ptrs.data(), m.ptrs.data(), h.ptrs.data(), m.dtype, numels.data(),
-      static_cast<int64_t>(numels.size()), static_cast<float>(lr), static_cast<float>(beta1), static_cast<float>(rho),
-      static_cast<float>(weight_decay), static_cast<float>(eps), counter, current_stream()));
+      static_cast<int64_t>(numels.size()), static_cast<float>(lr), static_cast<float>(1.0 - beta1),
+      static_cast<float>(rho), static_cast<float>(1.0 - lr * weight_decay), static_cast<float>(eps), counter,
+      current_stream()));
 }
 
 // The momentum of bufs[k] goes into out[indices[k]] (out: the bucket's contiguous (P, m, n) stack). With
@@ -194,17 +197,21 @@ void muon_momentum_stack_(const std::vector<at::Tensor>& bufs, const std::vector
   int64_t max_chunks = 0;
   if (partials.has_value()) {
     CHECK_CUDA(*partials);
+    CHECK_SAME_DEVICE(*partials, out);
     CHECK_CONTIGUOUS(*partials);
     TORCH_CHECK(partials->scalar_type() == at::kFloat && partials->dim() == 2 && partials->size(0) == out.size(0),
                 "partials must be a float32 (P, chunks) tensor, got ", partials->sizes());
+    const int64_t chunks = (size + fastoptim::kChunk - 1) / fastoptim::kChunk;
+    TORCH_CHECK(partials->size(1) >= chunks, "partials must have at least ", chunks, " columns (one per ",
+                fastoptim::kChunk, "-element chunk of an m*n = ", size, " matrix), got ", partials->sizes());
     partials_ptr = partials->data_ptr<float>();
     max_chunks = partials->size(1);
   }
   const c10::cuda::CUDAGuard guard(out.device());
   CHECK_CUDA_LAUNCH(fastoptim::launch_muon_momentum_stack(
       b.ptrs.data(), b.dtype, g.ptrs.data(), g.dtype, outs.data(), to_dtype(out, "out"), numels.data(),
-      static_cast<int64_t>(numels.size()), static_cast<float>(beta), nesterov, partials_ptr, base, matrix_bytes,
-      max_chunks, current_stream()));
+      static_cast<int64_t>(numels.size()), static_cast<float>(beta), static_cast<float>(1.0 - beta), nesterov,
+      partials_ptr, base, matrix_bytes, max_chunks, current_stream()));
 }
 
 // out[i] <- out[i] / (safety·sqrt(Σ partials[i]) + eps), after muon_momentum_stack_ filled partials.
@@ -212,6 +219,7 @@ void muon_stack_normalize_(at::Tensor out, const at::Tensor& partials, double sa
   CHECK_CUDA(out);
   CHECK_CONTIGUOUS(out);
   CHECK_CUDA(partials);
+  CHECK_SAME_DEVICE(partials, out);
   CHECK_CONTIGUOUS(partials);
   TORCH_CHECK(out.dim() == 3, "out must be a (P, m, n) stack, got ", out.sizes());
   TORCH_CHECK(partials.scalar_type() == at::kFloat && partials.dim() == 2 && partials.size(0) == out.size(0),
@@ -232,8 +240,8 @@ void hessian_ema_(const std::vector<at::Tensor>& hessians, const std::vector<at:
   for (const auto& t : hessians) numels.push_back(t.numel());
   const c10::cuda::CUDAGuard guard(first.device());
   CHECK_CUDA_LAUNCH(fastoptim::launch_hessian_ema(h.ptrs.data(), h.dtype, e.ptrs.data(), e.dtype, numels.data(),
-                                                  static_cast<int64_t>(numels.size()), static_cast<float>(beta2),
-                                                  current_stream()));
+                                                  static_cast<int64_t>(numels.size()),
+                                                  static_cast<float>(1.0 - beta2), current_stream()));
 }
 
 // out <- alpha * x @ x.mT + beta * addend (transposed: alpha * x.mT @ x + beta * addend), computing only the
@@ -259,6 +267,9 @@ void symmetric_gemm(const at::Tensor& x, at::Tensor out, std::optional<at::Tenso
   TORCH_CHECK(out.scalar_type() == x.scalar_type() || out.scalar_type() == at::kFloat, "out must be ",
               x.scalar_type(), " (x's dtype) or float32, got ", out.scalar_type());
   CHECK_CONTIGUOUS(out);
+  // Blocks write out while others still read x; the addend is read and written by the same thread, so
+  // out may be the addend itself (B = c·A·A + b·A in place) but not a part of it.
+  at::assert_no_overlap(out, x);
   const void* addend_ptr = nullptr;
   if (addend.has_value()) {
     const at::Tensor& d = *addend;
@@ -268,6 +279,7 @@ void symmetric_gemm(const at::Tensor& x, at::Tensor out, std::optional<at::Tenso
     TORCH_CHECK(d.sizes() == out.sizes(), "addend must have out's shape ", out.sizes(), ", got ", d.sizes());
     TORCH_CHECK(d.scalar_type() == out.scalar_type(), "addend must have out's dtype ", out.scalar_type(), ", got ",
                 d.scalar_type());
+    at::assert_no_partial_overlap(out, d);
     addend_ptr = d.data_ptr();
   }
   if (out.numel() == 0) return;
@@ -307,8 +319,11 @@ at::Tensor newton_schulz(const at::Tensor& G, const std::vector<double>& coeffic
               "compute_dtype must be bfloat16, float16 or float32, got ", compute_dtype);
   const int64_t m = G.size(-2);
   const int64_t n = G.size(-1);
-  // A stack view (batch, m, n) of G without a copy: collapsible leading dimensions are required.
-  const at::Tensor stack = G.dim() == 3 ? G : G.dim() == 2 ? G.unsqueeze(0) : G.view({-1, m, n});
+  // A stack view (batch, m, n) of G without a copy: collapsible leading dimensions are required. The batch
+  // is the product of the leading sizes (view(-1, m, n) cannot infer it when m·n = 0).
+  int64_t leading = 1;
+  for (int64_t d = 0; d + 2 < G.dim(); ++d) leading *= G.size(d);
+  const at::Tensor stack = G.dim() == 3 ? G : G.dim() == 2 ? G.unsqueeze(0) : G.view({leading, m, n});
   const int64_t batch = stack.size(0);
   const c10::cuda::CUDAGuard guard(G.device());
   const size_t steps = coefficients.size() / 3;

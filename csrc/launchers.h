@@ -1,4 +1,7 @@
 // Plain launchers of the .cu files: raw pointers, sizes and a stream; no torch types.
+// Scalars derived from the hyper-parameters (1 - beta, 1 - lr*wd, lr*scale) are computed by the caller in
+// double and rounded once to float, as torch rounds the reference's Python-float scalars; the kernels never
+// recombine rounded floats (1.0f - beta differs from float(1 - beta) in the last bits).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -9,18 +12,18 @@
 
 namespace fastoptim {
 
-// p <- p*(1 - lr*wd) [cautious: only where update*p >= 0]; p <- p - lr*scale*update. Contiguous, numel each.
+// p <- p*keep [cautious: only where update*p >= 0]; p <- p - step*update (keep = 1 - lr*wd, step = lr*scale).
+// Contiguous, numel each.
 cudaError_t launch_muon_apply(void* param, DType param_dtype, const void* update, DType update_dtype,
-                              int64_t numel, float lr, float weight_decay, float scale, bool cautious,
-                              cudaStream_t stream);
+                              int64_t numel, float keep, float step, bool cautious, cudaStream_t stream);
 
 }  // namespace fastoptim
 
 namespace fastoptim {
 
-// buf <- lerp(buf, grad, 1-beta); nesterov_out (nullable, buf's dtype) <- lerp(grad, buf, beta).
+// buf <- lerp(buf, grad, one_minus_beta); nesterov_out (nullable, buf's dtype) <- lerp(grad, buf, beta).
 cudaError_t launch_muon_momentum(void* buf, DType buf_dtype, const void* grad, DType grad_dtype, void* nesterov_out,
-                                 int64_t numel, float beta, cudaStream_t stream);
+                                 int64_t numel, float beta, float one_minus_beta, cudaStream_t stream);
 
 // muon_momentum over `count` contiguous tensors (bufs of buf_dtype, grads of grad_dtype), each writing its
 // Newton–Schulz input into outs[i] (out_dtype; a slice of one stack).
@@ -28,8 +31,9 @@ cudaError_t launch_muon_momentum(void* buf, DType buf_dtype, const void* grad, D
 // values; matrix = (outs[i] - out_base) / matrix_bytes.
 cudaError_t launch_muon_momentum_stack(void* const* bufs, DType buf_dtype, void* const* grads, DType grad_dtype,
                                        void* const* outs, DType out_dtype, const int64_t* numels, int64_t count,
-                                       float beta, bool nesterov, float* partials, const void* out_base,
-                                       int64_t matrix_bytes, int64_t max_chunks, cudaStream_t stream);
+                                       float beta, float one_minus_beta, bool nesterov, float* partials,
+                                       const void* out_base, int64_t matrix_bytes, int64_t max_chunks,
+                                       cudaStream_t stream);
 
 // out[i] <- out[i] / (safety·sqrt(Σ_c partials[i, c]) + eps) for a contiguous (matrices, numel) stack.
 cudaError_t launch_muon_stack_normalize(void* out, DType out_dtype, const float* partials, int64_t matrices,
@@ -37,21 +41,22 @@ cudaError_t launch_muon_stack_normalize(void* out, DType out_dtype, const float*
                                        cudaStream_t stream);
 
 // NorMuon on a contiguous (batch, m, n) stack; second_moment (batch*m) fp32; norms: 2*batch fp32, zeroed.
+// keep = 1 - lr*wd, one_minus_beta2 = 1 - beta2, step = lr*scale.
 cudaError_t launch_normuon_step(void* param, DType param_dtype, const void* update, DType update_dtype,
                                 float* second_moment, float* norms, int64_t batch, int64_t m, int64_t n,
-                                float lr, float weight_decay, float beta2, float eps, float scale, bool cautious,
+                                float keep, float one_minus_beta2, float eps, float step, bool cautious,
                                 cudaStream_t stream);
 
 // Sophia over `count` contiguous tensors: params/grads of param_dtype, exp_avgs/hessians of state_dtype.
 // unclipped (nullable): device counter incremented by the number of coordinates with |ratio| < 1.
 cudaError_t launch_sophia_step(void* const* params, DType param_dtype, void* const* grads, void* const* exp_avgs,
                                void* const* hessians, DType state_dtype, const int64_t* numels, int64_t count,
-                               float lr, float beta1, float rho, float weight_decay, float eps,
+                               float lr, float one_minus_beta1, float rho, float keep, float eps,
                                unsigned long long* unclipped, cudaStream_t stream);
 
-// h <- lerp(h, estimate, 1-beta2) over `count` contiguous tensors.
+// h <- lerp(h, estimate cast to h's dtype, one_minus_beta2) over `count` contiguous tensors.
 cudaError_t launch_hessian_ema(void* const* hessians, DType hessian_dtype, void* const* estimates,
-                               DType estimate_dtype, const int64_t* numels, int64_t count, float beta2,
+                               DType estimate_dtype, const int64_t* numels, int64_t count, float one_minus_beta2,
                                cudaStream_t stream);
 
 }  // namespace fastoptim

@@ -24,19 +24,21 @@ namespace {
 
 template <typename B, typename G>
 __global__ void muon_momentum_kernel(B* __restrict__ buf, const G* __restrict__ grad, B* __restrict__ nesterov_out,
-                                     int64_t numel, float beta) {
+                                     int64_t numel, float beta, float one_minus_beta) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
     // The reference rounds the new buffer to B before the Nesterov lerp reads it; so do we.
+    // one_minus_beta is 1 - beta rounded once from double (the reference's scalar), not 1.0f - beta.
     const float g = to_float(from_float<B>(to_float(grad[i])));
-    const B updated = from_float<B>(lerp(to_float(buf[i]), g, 1.0f - beta));
+    const B updated = from_float<B>(lerp(to_float(buf[i]), g, one_minus_beta));
     buf[i] = updated;
     if (nesterov_out != nullptr) nesterov_out[i] = from_float<B>(lerp(g, to_float(updated), beta));
   }
 }
 
 template <typename B, typename G, typename O>
-__global__ void muon_momentum_stack_kernel(TensorTable table, float beta, bool nesterov, float* partials,
+__global__ void muon_momentum_stack_kernel(TensorTable table, float beta, float one_minus_beta, bool nesterov,
+                                           float* partials,
                                            const char* out_base, int64_t matrix_bytes, int64_t max_chunks) {
   const int t = table.block_tensor[blockIdx.x];
   const int64_t chunk = table.block_chunk[blockIdx.x];
@@ -48,7 +50,7 @@ __global__ void muon_momentum_stack_kernel(TensorTable table, float beta, bool n
   float sum_squares = 0.0f;
   for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
     const float g = to_float(from_float<B>(to_float(grad[i])));
-    const B updated = from_float<B>(lerp(to_float(buf[i]), g, 1.0f - beta));
+    const B updated = from_float<B>(lerp(to_float(buf[i]), g, one_minus_beta));
     buf[i] = updated;
     // As the reference: the Nesterov value is rounded to buf's dtype, then cast to the stack's.
     const B ns_input = nesterov ? from_float<B>(lerp(g, to_float(updated), beta)) : updated;
@@ -70,8 +72,11 @@ template <typename O>
 __global__ void muon_stack_normalize_kernel(O* __restrict__ out, const float* __restrict__ partials, int64_t numel,
                                             int64_t max_chunks, float safety, float eps) {
   const int64_t matrix = blockIdx.y;
+  // Each block needs its matrix's sum of the partials: a strided sum per thread, then a block reduction
+  // (a fixed order for a fixed block size: deterministic), not max_chunks loads by every thread.
   float sum = 0.0f;
-  for (int64_t c = 0; c < max_chunks; ++c) sum += partials[matrix * max_chunks + c];  // fixed order
+  for (int64_t c = threadIdx.x; c < max_chunks; c += blockDim.x) sum += partials[matrix * max_chunks + c];
+  sum = block_sum(sum);
   const float denominator = safety * sqrtf(sum) + eps;
   O* values = out + matrix * numel;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -84,8 +89,9 @@ __global__ void muon_stack_normalize_kernel(O* __restrict__ out, const float* __
 
 cudaError_t launch_muon_momentum_stack(void* const* bufs, DType buf_dtype, void* const* grads, DType grad_dtype,
                                        void* const* outs, DType out_dtype, const int64_t* numels, int64_t count,
-                                       float beta, bool nesterov, float* partials, const void* out_base,
-                                       int64_t matrix_bytes, int64_t max_chunks, cudaStream_t stream) {
+                                       float beta, float one_minus_beta, bool nesterov, float* partials,
+                                       const void* out_base, int64_t matrix_bytes, int64_t max_chunks,
+                                       cudaStream_t stream) {
   void* const* lists[3] = {bufs, grads, outs};
   constexpr int kStackThreads = 512;
   return dispatch_dtype(buf_dtype, [&](auto b_tag) {
@@ -96,7 +102,8 @@ cudaError_t launch_muon_momentum_stack(void* const* bufs, DType buf_dtype, void*
         using O = decltype(o_tag);
         return for_each_table(lists, 3, numels, count, [&](const TensorTable& table, int blocks) {
           muon_momentum_stack_kernel<B, G, O><<<blocks, kStackThreads, 0, stream>>>(
-              table, beta, nesterov, partials, static_cast<const char*>(out_base), matrix_bytes, max_chunks);
+              table, beta, one_minus_beta, nesterov, partials, static_cast<const char*>(out_base), matrix_bytes,
+              max_chunks);
           return cudaGetLastError();
         });
       });
@@ -109,17 +116,24 @@ cudaError_t launch_muon_stack_normalize(void* out, DType out_dtype, const float*
                                        cudaStream_t stream) {
   if (matrices == 0 || numel == 0) return cudaSuccess;
   constexpr int kThreads = 256;
-  const dim3 grid(grid_for(numel, kThreads), static_cast<unsigned>(matrices));
+  constexpr int64_t kMaxGridY = 65535;
   return dispatch_dtype(out_dtype, [&](auto o_tag) {
     using O = decltype(o_tag);
-    muon_stack_normalize_kernel<O><<<grid, kThreads, 0, stream>>>(static_cast<O*>(out), partials, numel, max_chunks,
-                                                                  safety, eps);
-    return cudaGetLastError();
+    // gridDim.y holds at most 65535 matrices: longer stacks go in slices.
+    for (int64_t first = 0; first < matrices; first += kMaxGridY) {
+      const int64_t slice = matrices - first < kMaxGridY ? matrices - first : kMaxGridY;
+      const dim3 grid(grid_for(numel, kThreads), static_cast<unsigned>(slice));
+      muon_stack_normalize_kernel<O><<<grid, kThreads, 0, stream>>>(
+          static_cast<O*>(out) + first * numel, partials + first * max_chunks, numel, max_chunks, safety, eps);
+      const cudaError_t error = cudaGetLastError();
+      if (error != cudaSuccess) return error;
+    }
+    return cudaSuccess;
   });
 }
 
 cudaError_t launch_muon_momentum(void* buf, DType buf_dtype, const void* grad, DType grad_dtype, void* nesterov_out,
-                                 int64_t numel, float beta, cudaStream_t stream) {
+                                 int64_t numel, float beta, float one_minus_beta, cudaStream_t stream) {
   if (numel == 0) return cudaSuccess;
   constexpr int kThreads = 256;
   const unsigned blocks = grid_for(numel, kThreads);
@@ -128,7 +142,8 @@ cudaError_t launch_muon_momentum(void* buf, DType buf_dtype, const void* grad, D
     return dispatch_dtype(grad_dtype, [&](auto g_tag) {
       using G = decltype(g_tag);
       muon_momentum_kernel<B, G><<<blocks, kThreads, 0, stream>>>(
-          static_cast<B*>(buf), static_cast<const G*>(grad), static_cast<B*>(nesterov_out), numel, beta);
+          static_cast<B*>(buf), static_cast<const G*>(grad), static_cast<B*>(nesterov_out), numel, beta,
+          one_minus_beta);
       return cudaGetLastError();
     });
   });

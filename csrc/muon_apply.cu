@@ -20,40 +20,40 @@ namespace {
 
 template <typename P, typename U>
 __global__ void muon_apply_kernel(P* __restrict__ param, const U* __restrict__ update, int64_t numel,
-                                  float decay, float step, bool cautious) {
+                                  float keep, float step, bool cautious) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
     const float p = to_float(param[i]);
     const float u = to_float(update[i]);
-    // decay = lr*wd; the multiply keeps p*(1 - lr*wd) exact in the same order as the reference.
+    // keep = 1 - lr*wd, rounded once from double on the host, as the reference's scalar is.
     const bool decay_here = !cautious || (u * p >= 0.0f);
-    const float decayed = decay_here ? p * (1.0f - decay) : p;
+    const float decayed = decay_here ? p * keep : p;
     param[i] = from_float<P>(decayed - step * u);
   }
 }
 
 template <typename P, typename U>
-cudaError_t launch_typed(void* param, const void* update, int64_t numel, float decay, float step,
+cudaError_t launch_typed(void* param, const void* update, int64_t numel, float keep, float step,
                          bool cautious, cudaStream_t stream) {
   constexpr int kThreads = 256;
   // Grid-stride loop: enough blocks to fill the GPU, never more than the work.
   int64_t blocks = (numel + kThreads - 1) / kThreads;
   if (blocks > 65535) blocks = 65535;
   muon_apply_kernel<P, U><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      static_cast<P*>(param), static_cast<const U*>(update), numel, decay, step, cautious);
+      static_cast<P*>(param), static_cast<const U*>(update), numel, keep, step, cautious);
   return cudaGetLastError();
 }
 
 template <typename P>
 cudaError_t dispatch_update(void* param, const void* update, DType update_dtype, int64_t numel,
-                            float decay, float step, bool cautious, cudaStream_t stream) {
+                            float keep, float step, bool cautious, cudaStream_t stream) {
   switch (update_dtype) {
     case DType::kFloat32:
-      return launch_typed<P, float>(param, update, numel, decay, step, cautious, stream);
+      return launch_typed<P, float>(param, update, numel, keep, step, cautious, stream);
     case DType::kBFloat16:
-      return launch_typed<P, __nv_bfloat16>(param, update, numel, decay, step, cautious, stream);
+      return launch_typed<P, __nv_bfloat16>(param, update, numel, keep, step, cautious, stream);
     case DType::kFloat16:
-      return launch_typed<P, __half>(param, update, numel, decay, step, cautious, stream);
+      return launch_typed<P, __half>(param, update, numel, keep, step, cautious, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -61,18 +61,15 @@ cudaError_t dispatch_update(void* param, const void* update, DType update_dtype,
 }  // namespace
 
 cudaError_t launch_muon_apply(void* param, DType param_dtype, const void* update, DType update_dtype,
-                              int64_t numel, float lr, float weight_decay, float scale, bool cautious,
-                              cudaStream_t stream) {
+                              int64_t numel, float keep, float step, bool cautious, cudaStream_t stream) {
   if (numel == 0) return cudaSuccess;
-  const float decay = lr * weight_decay;
-  const float step = lr * scale;
   switch (param_dtype) {
     case DType::kFloat32:
-      return dispatch_update<float>(param, update, update_dtype, numel, decay, step, cautious, stream);
+      return dispatch_update<float>(param, update, update_dtype, numel, keep, step, cautious, stream);
     case DType::kBFloat16:
-      return dispatch_update<__nv_bfloat16>(param, update, update_dtype, numel, decay, step, cautious, stream);
+      return dispatch_update<__nv_bfloat16>(param, update, update_dtype, numel, keep, step, cautious, stream);
     case DType::kFloat16:
-      return dispatch_update<__half>(param, update, update_dtype, numel, decay, step, cautious, stream);
+      return dispatch_update<__half>(param, update, update_dtype, numel, keep, step, cautious, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -24,7 +24,7 @@ namespace {
 template <typename U, bool kPacked>
 __global__ void normuon_row_stats_kernel(const U* __restrict__ update, float* __restrict__ second_moment,
                                          float* __restrict__ norms, int64_t rows, int64_t m, int64_t n,
-                                         int64_t batch, float beta2, float eps) {
+                                         int64_t batch, float one_minus_beta2, float eps) {
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const U* o = update + row * n;
     float sum = 0.0f;
@@ -48,7 +48,7 @@ __global__ void normuon_row_stats_kernel(const U* __restrict__ update, float* __
     sum = block_sum(sum);
     if (threadIdx.x == 0) {
       const float mean = sum / static_cast<float>(n > 0 ? n : 1);
-      const float v = lerp(second_moment[row], mean, 1.0f - beta2);
+      const float v = lerp(second_moment[row], mean, one_minus_beta2);
       second_moment[row] = v;
       const float denom = sqrtf(v) + eps;
       const int64_t b = row / m;
@@ -61,13 +61,12 @@ __global__ void normuon_row_stats_kernel(const U* __restrict__ update, float* __
 template <typename P, typename U, bool kPacked>
 __global__ void normuon_apply_kernel(P* __restrict__ param, const U* __restrict__ update,
                                      const float* __restrict__ second_moment, const float* __restrict__ norms,
-                                     int64_t rows, int64_t m, int64_t n, int64_t batch, float decay, float step,
+                                     int64_t rows, int64_t m, int64_t n, int64_t batch, float keep, float step,
                                      float eps, bool cautious) {
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t b = row / m;
     const float norm_rescale = sqrtf(norms[b]) / (sqrtf(norms[batch + b]) + eps);
     const float row_scale = 1.0f / (sqrtf(second_moment[row]) + eps);
-    const float keep = 1.0f - decay;
     P* p = param + row * n;
     const U* o = update + row * n;
     if (kPacked) {
@@ -109,7 +108,7 @@ int threads_for_row(int64_t n) {
 
 cudaError_t launch_normuon_step(void* param, DType param_dtype, const void* update, DType update_dtype,
                                 float* second_moment, float* norms, int64_t batch, int64_t m, int64_t n,
-                                float lr, float weight_decay, float beta2, float eps, float scale, bool cautious,
+                                float keep, float one_minus_beta2, float eps, float step, bool cautious,
                                 cudaStream_t stream) {
   const int64_t rows = batch * m;
   if (rows == 0) return cudaSuccess;
@@ -120,10 +119,10 @@ cudaError_t launch_normuon_step(void* param, DType param_dtype, const void* upda
     const bool packed = n % kVec<U> == 0 && aligned_for_pack<U, kVec<U>>(update);
     if (packed) {
       normuon_row_stats_kernel<U, true><<<blocks, threads, 0, stream>>>(
-          static_cast<const U*>(update), second_moment, norms, rows, m, n, batch, beta2, eps);
+          static_cast<const U*>(update), second_moment, norms, rows, m, n, batch, one_minus_beta2, eps);
     } else {
       normuon_row_stats_kernel<U, false><<<blocks, threads, 0, stream>>>(
-          static_cast<const U*>(update), second_moment, norms, rows, m, n, batch, beta2, eps);
+          static_cast<const U*>(update), second_moment, norms, rows, m, n, batch, one_minus_beta2, eps);
     }
     return cudaGetLastError();
   });
@@ -136,12 +135,12 @@ cudaError_t launch_normuon_step(void* param, DType param_dtype, const void* upda
       const bool packed = n % N == 0 && aligned_for_pack<U, N>(update) && aligned_for_pack<P, N>(param);
       if (packed) {
         normuon_apply_kernel<P, U, true><<<blocks, threads, 0, stream>>>(
-            static_cast<P*>(param), static_cast<const U*>(update), second_moment, norms, rows, m, n, batch,
-            lr * weight_decay, lr * scale, eps, cautious);
+            static_cast<P*>(param), static_cast<const U*>(update), second_moment, norms, rows, m, n, batch, keep,
+            step, eps, cautious);
       } else {
         normuon_apply_kernel<P, U, false><<<blocks, threads, 0, stream>>>(
-            static_cast<P*>(param), static_cast<const U*>(update), second_moment, norms, rows, m, n, batch,
-            lr * weight_decay, lr * scale, eps, cautious);
+            static_cast<P*>(param), static_cast<const U*>(update), second_moment, norms, rows, m, n, batch, keep,
+            step, eps, cautious);
       }
       return cudaGetLastError();
     });

@@ -288,3 +288,58 @@ def test_newton_schulz_cuda_normalized_input_is_read_not_written(steps, compute_
     expected = fastoptim.newton_schulz(before, backend="torch", **kwargs)
     tol = TOLERANCE[compute_dtype]
     torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)
+
+
+def test_sophia_and_hessian_ema_cuda_propagate_nan_and_overflow_like_torch():
+    # NaN in the Hessian or the momentum: torch.clamp passes it on (fmaxf/fminf would drop it). An fp16
+    # Hessian EMA of an estimate beyond fp16's range is inf, as the reference casts the estimate first.
+    params = [torch.randn(64, device="cuda")]
+    grads = [torch.randn(64, device="cuda")]
+    exp_avgs = [torch.randn(64, device="cuda")]
+    hessians = [torch.rand(64, device="cuda")]
+    hessians[0][3] = float("nan")
+    exp_avgs[0][5] = float("nan")
+    copies = [[t.clone() for t in group] for group in (params, grads, exp_avgs, hessians)]
+    expected = fastoptim.sophia_step_(*copies, 0.1, return_unclipped=True, backend="torch")
+    got = fastoptim.sophia_step_(params, grads, exp_avgs, hessians, 0.1, return_unclipped=True, backend="cuda")
+    assert params[0][3].isnan() and params[0][5].isnan()
+    torch.testing.assert_close(params[0], copies[0][0], equal_nan=True)
+    torch.testing.assert_close(got, expected)
+    h = [torch.ones(4, device="cuda", dtype=torch.float16)]
+    h_expected = [h[0].clone()]
+    estimates = [torch.full((4,), 1e6, device="cuda")]
+    fastoptim.hessian_ema_(h_expected, estimates, 0.99, backend="torch")
+    fastoptim.hessian_ema_(h, estimates, 0.99, backend="cuda")
+    assert h_expected[0].isinf().all() and torch.equal(h[0], h_expected[0])
+
+
+def test_newton_schulz_cuda_empty_matrices_in_a_4d_stack():
+    # view(-1, 0, 6) cannot infer the batch: the binding computes it from the leading sizes.
+    G = torch.empty(2, 3, 0, 6, device="cuda")
+    out = fastoptim.newton_schulz(G, backend="cuda")
+    assert out.shape == G.shape and out.dtype == torch.bfloat16
+
+
+def test_muon_momentum_stack_normalize_cuda_beyond_the_grid_y_limit():
+    # More matrices than gridDim.y holds (65535): the normalization pass goes in slices.
+    count = 70_000
+    bufs = [torch.randn(2, 3, device="cuda") for _ in range(count)]
+    grads = [torch.randn(2, 3, device="cuda") for _ in range(count)]
+    expected_bufs = [b.clone() for b in bufs]
+    out = torch.full((count, 2, 3), float("nan"), device="cuda")
+    expected = torch.empty_like(out)
+    fastoptim.muon_momentum_stack_(expected_bufs, grads, expected, 0.9, True, normalize=True, backend="torch")
+    fastoptim.muon_momentum_stack_(bufs, grads, out, 0.9, True, normalize=True, backend="cuda")
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_muon_momentum_stack_cuda_binding_checks_the_partials_size():
+    from fastoptim import _C
+
+    out = torch.empty(2, 300, 300, device="cuda")  # 90000 elements: two chunks per matrix
+    bufs = [torch.zeros(300, 300, device="cuda") for _ in range(2)]
+    grads = [torch.ones(300, 300, device="cuda") for _ in range(2)]
+    too_small = torch.zeros(2, 1, device="cuda")
+    with pytest.raises(RuntimeError, match="partials must have at least 2 columns"):
+        _C.muon_momentum_stack_(bufs, grads, out, [0, 1], 0.9, True, too_small)
+    assert torch.all(bufs[0] == 0)

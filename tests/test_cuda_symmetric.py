@@ -172,3 +172,44 @@ def test_symmetric_gemm_speed_vs_bmm_at_4096(transposed):
         f"({full_flops / cublas / 1e9:.0f} TFLOP/s); speed-up {cublas / ours:.2f}x on {torch.cuda.get_device_name()}"
     )
     _assert_close_to_fp32(out, x, None, transposed, 1.0, 0.0)
+
+
+def test_partial_cp_async_chunks_and_misaligned_bases():
+    # cp.async copies 16 bytes (8 elements): a row of 100 leaves a chunk with 4 valid elements; a base
+    # pointer 2 bytes past alignment with an aligned row stride must take the fallback path, not fault.
+    for x in (
+        torch.randn(2, 200, 104, device="cuda", dtype=torch.bfloat16)[..., :100],
+        torch.randn(2, 128, 1024, device="cuda", dtype=torch.bfloat16)[..., 1 : 1 + 768],
+        torch.randn(2, 1, 100, device="cuda", dtype=torch.float16),  # one row: s = 1
+    ):
+        for transposed in (False, True):
+            s = x.shape[-1] if transposed else x.shape[-2]
+            out = torch.full((x.shape[0], s, s), float("nan"), device="cuda", dtype=x.dtype)
+            _symmetric_gemm(x, out, None, transposed, 1.0, 0.0)
+            _assert_close_to_fp32(out, x, None, transposed, 1.0, 0.0)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["XXT", "XTX"])
+def test_fp32_output_on_the_cp_async_path_and_2d_input(transposed):
+    x = _inputs(1, 256, 512, torch.bfloat16, transposed)[0]  # 2-D, aligned row stride
+    addend = torch.randn(256, 256, device="cuda")
+    out = torch.full((256, 256), float("nan"), device="cuda")
+    _symmetric_gemm(x, out, addend, transposed, ALPHA, BETA)
+    expected = ALPHA * _gram_fp32(x, transposed) + BETA * addend
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_out_overlapping_x_is_refused_and_in_place_addend_works():
+    buffer = torch.randn(64 * 64 + 64 * 32, device="cuda", dtype=torch.bfloat16)
+    x = buffer[: 64 * 32].view(64, 32)
+    out = buffer[64 * 16 : 64 * 16 + 64 * 64].view(64, 64)  # overlaps the second half of x
+    before = buffer.clone()
+    with pytest.raises(RuntimeError, match="memory location"):
+        _symmetric_gemm(x, out, None, False, 1.0, 0.0)
+    assert torch.equal(buffer, before)
+    # out may be the addend itself: each element is read, then written, by the same thread.
+    x = _inputs(1, 96, 64, torch.bfloat16, False)
+    d = torch.randn(1, 96, 96, device="cuda").to(torch.bfloat16)
+    d_before = d.clone()
+    _symmetric_gemm(x, d, d, False, ALPHA, BETA)
+    _assert_close_to_fp32(d, x, d_before, False, ALPHA, BETA)

@@ -84,6 +84,17 @@ def test_normalize_matches_torch(m, n, out_dtype, triton_device):
              normalize=True, safety=1.01, eps=1e-7)
 
 
+def test_normalize_in_slices_beyond_the_grid_y_limit(triton_device, monkeypatch):
+    # A grid's second axis holds 65535 matrices; with the limit lowered to 2, five matrices take three
+    # launches (2 + 2 + 1), each on its slice of the stack and of the partials.
+    from fastoptim.triton_kernels import muon_stack
+
+    monkeypatch.setattr(muon_stack, "_MAX_GRID_Y", 2)
+    shapes = [(200, 200)] * 5  # three chunks per matrix
+    run_both(shapes, 200, 200, [torch.float32] * 5, [torch.float32] * 5, torch.float32, True, triton_device,
+             normalize=True, safety=1.01, eps=1e-7)
+
+
 def test_normalize_then_newton_schulz_equals_plain_newton_schulz(triton_device):
     bufs = [torch.randn(20, 30, device=triton_device) for _ in range(2)]
     grads = [torch.randn(20, 30, device=triton_device) for _ in range(2)]

@@ -24,6 +24,8 @@ import triton.language as tl
 from ._common import CHUNK, TL_DTYPES, chunk_tables, device_guard, lerp, table_pointer, unsupported_lists
 from .sophia import BLOCK, NUM_WARPS
 
+_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis
+
 
 @triton.jit
 def _momentum_stack_block(buf_ptr, grad_ptr, out_ptr, offsets, mask, beta, NESTEROV: tl.constexpr):
@@ -135,10 +137,12 @@ def muon_momentum_stack_(
                 BLOCK=BLOCK,
                 num_warps=NUM_WARPS,
             )
-        if normalize:
-            _normalize_kernel[(triton.cdiv(numel, BLOCK), len(bufs))](
-                out,
-                partials,
+        # A grid's second axis holds at most 65535 matrices: longer stacks are normalized in slices.
+        for first in range(0, len(bufs) if normalize else 0, _MAX_GRID_Y):
+            matrices = min(len(bufs) - first, _MAX_GRID_Y)
+            _normalize_kernel[(triton.cdiv(numel, BLOCK), matrices)](
+                out[first:],
+                partials[first:],
                 numel,
                 max_chunks,
                 safety,
