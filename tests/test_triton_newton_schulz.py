@@ -226,3 +226,22 @@ def test_normalized_input_is_read_not_written(steps, triton_device):
     out = fastoptim.newton_schulz(X0, backend="triton", **kwargs)
     assert torch.equal(X0, before) and out.data_ptr() != X0.data_ptr()
     _assert_close(out.cpu(), fastoptim.newton_schulz(before.cpu(), backend="torch", **kwargs))
+
+
+def test_launches_run_under_the_tensors_device_guard(triton_device, monkeypatch):
+    # Triton launches on the current device: a stack on another GPU than the current one must be
+    # orthogonalized under a guard for its own device (as the other Triton launchers do).
+    import contextlib
+
+    from fastoptim.triton_kernels import newton_schulz as module
+
+    guarded = []
+
+    def recording_guard(tensor):
+        guarded.append(tensor.device)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(module, "device_guard", recording_guard)
+    G = torch.randn(2, 8, 12, device=triton_device)
+    module.newton_schulz(G, fastoptim.coefficients.resolve("jordan"), 1e-7, torch.float32)
+    assert guarded == [G.device]

@@ -132,6 +132,27 @@ def test_mixed_dtypes_within_a_list(triton_device):
     assert sum(table.shape[0] for _, _, table in tables) == expected_chunks
 
 
+def test_chunk_table_rows_and_cache(triton_device):
+    # One row per CHUNK-element chunk of every non-empty tensor: (addresses..., numel, chunk index), in
+    # list order within each dtype combination; a second call with the same tensors hits the cache.
+    chunk = triton_common.CHUNK
+    a = [torch.zeros(n, device=triton_device) for n in (chunk + 1, 0, 3, 2 * chunk)]
+    b = [torch.zeros(n, device=triton_device, dtype=torch.bfloat16 if i == 2 else torch.float32)
+         for i, n in enumerate((chunk + 1, 0, 3, 2 * chunk))]
+    tables = triton_common.chunk_tables((a, b), triton_device)
+    expected = {}
+    for x, y in zip(a, b):
+        for c in range(-(-x.numel() // chunk)):
+            expected.setdefault((x.dtype, y.dtype), []).append([x.data_ptr(), y.data_ptr(), x.numel(), c])
+    assert {dtypes: table.cpu().tolist() for dtypes, _, table in tables} == expected
+    assert all(aligned for _, aligned, _ in tables)
+    again = triton_common.chunk_tables((a, b), triton_device)
+    assert all(t1 is t2 for (_, _, t1), (_, _, t2) in zip(tables, again))
+    misaligned = [torch.zeros(9, device=triton_device)[1:]]
+    ((_, aligned, _),) = triton_common.chunk_tables((misaligned, misaligned), triton_device)
+    assert not aligned
+
+
 def test_unclipped_out_is_written(triton_device):
     params, grads, exp_avgs, hessians = make_lists(SHAPES[:4], torch.float32, torch.float32, triton_device)
     params_ref, exp_avgs_ref = clone(params), clone(exp_avgs)

@@ -58,14 +58,22 @@ def _scale_cast_kernel(
     tile = tl.program_id(0)
     batch = tl.program_id(1)
     partials = tl.load(partial_ptr + _batch_offset(batch, NUM_PARTIALS) + tl.arange(0, NUM_PARTIALS))
-    denominator = tl.sqrt(tl.sum(partials)) * safety + eps
+    # IEEE-rounded sqrt and division (tl.sqrt and "/" compile to sqrt.approx.ftz / div.full on a GPU: up
+    # to 2 ulp off, and a subnormal ‖G‖² would be flushed to zero); fp64 is IEEE either way.
+    if ACC_DTYPE == tl.float64:
+        denominator = tl.sqrt(tl.sum(partials)) * safety + eps
+    else:
+        denominator = tl.sqrt_rn(tl.sum(partials)) * safety + eps
     tiles_c = tl.cdiv(n, BLOCK_C)
     rows = (tile // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = (tile % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < m) & (cols[None, :] < n)
     g_ptrs = g_ptr + _batch_offset(batch, stride_gb) + _row_offset(rows, stride_gm)[:, None]
     g = tl.load(g_ptrs + _row_offset(cols, stride_gn)[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-    x = (g / denominator).to(x_ptr.dtype.element_ty)
+    if ACC_DTYPE == tl.float64:
+        x = (g / denominator).to(x_ptr.dtype.element_ty)
+    else:
+        x = tl.div_rn(g, denominator).to(x_ptr.dtype.element_ty)
     x_ptrs = x_ptr + _batch_offset(batch, stride_xb) + _row_offset(rows, n)[:, None] + cols[None, :]
     tl.store(x_ptrs, x, mask=mask)
 

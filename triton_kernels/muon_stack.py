@@ -88,14 +88,20 @@ def _momentum_stack_kernel(
 
 
 @triton.jit
-def _normalize_kernel(out_ptr, partials_ptr, numel, max_chunks, safety, eps, CHUNKS_BLOCK: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    """out[i] <- out[i] / (safety·sqrt(Σ partials[i]) + eps), grid (blocks of a matrix, matrices).
-    Bytes per element: 2·|out|."""
-    matrix = tl.program_id(1).to(tl.int64)
+def _denominator_kernel(partials_ptr, denominators_ptr, max_chunks, safety, eps, CHUNKS_BLOCK: tl.constexpr):
+    """denominators[i] <- safety·sqrt(Σ partials[i]) + eps, one program per matrix (computed once, not by
+    every program of the normalization: those would each re-read all of the matrix's partials)."""
+    matrix = tl.program_id(0).to(tl.int64)
     chunks = tl.arange(0, CHUNKS_BLOCK)
     partials = tl.load(partials_ptr + matrix * max_chunks + chunks, mask=chunks < max_chunks, other=0.0)
-    denominator = safety * tl.sqrt_rn(tl.sum(partials, axis=0)) + eps
+    tl.store(denominators_ptr + matrix, safety * tl.sqrt_rn(tl.sum(partials, axis=0)) + eps)
+
+
+@triton.jit
+def _normalize_kernel(out_ptr, denominators_ptr, numel, BLOCK: tl.constexpr):
+    """out[i] <- out[i] / denominators[i], grid (blocks of a matrix, matrices). Bytes per element: 2·|out|."""
+    matrix = tl.program_id(1).to(tl.int64)
+    denominator = tl.load(denominators_ptr + matrix)
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel
     pointers = out_ptr + matrix * numel + offsets
@@ -137,19 +143,16 @@ def muon_momentum_stack_(
                 BLOCK=BLOCK,
                 num_warps=NUM_WARPS,
             )
+        if normalize:
+            denominators = torch.empty(len(bufs), dtype=torch.float32, device=out.device)
+            _denominator_kernel[(len(bufs),)](
+                partials, denominators, max_chunks, safety, eps, CHUNKS_BLOCK=triton.next_power_of_2(max_chunks)
+            )
         # A grid's second axis holds at most 65535 matrices: longer stacks are normalized in slices.
         for first in range(0, len(bufs) if normalize else 0, _MAX_GRID_Y):
             matrices = min(len(bufs) - first, _MAX_GRID_Y)
             _normalize_kernel[(triton.cdiv(numel, BLOCK), matrices)](
-                out[first:],
-                partials[first:],
-                numel,
-                max_chunks,
-                safety,
-                eps,
-                CHUNKS_BLOCK=triton.next_power_of_2(max_chunks),
-                BLOCK=BLOCK,
-                num_warps=NUM_WARPS,
+                out[first:], denominators[first:], numel, BLOCK=BLOCK, num_warps=NUM_WARPS
             )
 
 

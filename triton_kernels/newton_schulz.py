@@ -36,6 +36,7 @@ import triton.language as tl
 
 from ..coefficients import Schedule
 from . import _ns_kernels as kernels
+from ._common import device_guard
 
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -170,12 +171,13 @@ def _newton_schulz(
     x_buffers = (workspace(batch, m, n), workspace(batch, m, n) if steps else None)
     gram = workspace(2, batch, size, size) if steps else workspace(2, 0, 1, 1)
     upcast = device.type == "cpu" and compute_dtype != torch.float32
-    for start in range(0, batch, _MAX_BATCH_PER_LAUNCH):
-        chunk = slice(start, min(batch, start + _MAX_BATCH_PER_LAUNCH))
-        _launch_chunk(
-            stack[chunk], partials[chunk], tuple(x[chunk] if x is not None else None for x in x_buffers),
-            (gram[0, chunk], gram[1, chunk]), schedule, eps, config, upcast, normalized,
-        )
+    with device_guard(G):  # Triton launches on the current device, not the tensors'
+        for start in range(0, batch, _MAX_BATCH_PER_LAUNCH):
+            chunk = slice(start, min(batch, start + _MAX_BATCH_PER_LAUNCH))
+            _launch_chunk(
+                stack[chunk], partials[chunk], tuple(x[chunk] if x is not None else None for x in x_buffers),
+                (gram[0, chunk], gram[1, chunk]), schedule, eps, config, upcast, normalized,
+            )
     return x_buffers[steps % 2].view(shape)
 
 
