@@ -101,11 +101,11 @@ void normuon_step_(at::Tensor param, const at::Tensor& update, at::Tensor second
   const int64_t batch = m == 0 || n == 0 ? 0 : param.numel() / (m * n);
   const int64_t stacked = m == 0 ? 0 : second_moment.numel() / m;
   const c10::cuda::CUDAGuard guard(param.device());
-  // Per-matrix sums of O^2 and Ô^2, accumulated by the first pass.
-  at::Tensor norms = at::zeros({2 * stacked}, second_moment.options());
+  // Row sums of O² and Ô², then per-matrix norms (launch_normuon_step fills it; no zeroing needed).
+  at::Tensor workspace = at::empty({2 * (stacked * m + stacked)}, second_moment.options());
   CHECK_CUDA_LAUNCH(fastoptim::launch_normuon_step(
       param.data_ptr(), to_dtype(param, "param"), update.data_ptr(), to_dtype(update, "update"),
-      second_moment.data_ptr<float>(), norms.data_ptr<float>(), n == 0 ? stacked : batch, m, n,
+      second_moment.data_ptr<float>(), workspace.data_ptr<float>(), n == 0 ? stacked : batch, m, n,
       static_cast<float>(1.0 - lr * weight_decay), static_cast<float>(1.0 - beta2), static_cast<float>(eps),
       static_cast<float>(lr * scale), cautious, current_stream()));
 }
@@ -334,10 +334,11 @@ at::Tensor newton_schulz(const at::Tensor& G, const std::vector<double>& coeffic
   if (normalized && !read_in_place) {  // G is X₀ already: a cast into the workspace
     X.copy_(stack);
   } else if (!normalized) {
-    at::Tensor sums = at::zeros({batch}, G.options().dtype(at::kFloat));
+    at::Tensor workspace =
+        at::empty({fastoptim::ns_prologue_workspace_floats(batch, m, n)}, G.options().dtype(at::kFloat));
     CHECK_CUDA_LAUNCH(fastoptim::launch_ns_prologue(
         stack.data_ptr(), to_dtype(stack, "G"), X.data_ptr(), to_dtype(X, "compute_dtype"),
-        sums.data_ptr<float>(), batch, m, n, stack.stride(0), stack.stride(1), stack.stride(2),
+        workspace.data_ptr<float>(), batch, m, n, stack.stride(0), stack.stride(1), stack.stride(2),
         static_cast<float>(safety), static_cast<float>(eps), current_stream()));
   }
   if (iterate) {

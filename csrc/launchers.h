@@ -40,10 +40,11 @@ cudaError_t launch_muon_stack_normalize(void* out, DType out_dtype, const float*
                                        int64_t numel, int64_t max_chunks, float safety, float eps,
                                        cudaStream_t stream);
 
-// NorMuon on a contiguous (batch, m, n) stack; second_moment (batch*m) fp32; norms: 2*batch fp32, zeroed.
-// keep = 1 - lr*wd, one_minus_beta2 = 1 - beta2, step = lr*scale.
+// NorMuon on a contiguous (batch, m, n) stack; second_moment (batch*m) fp32; workspace: 2*(batch*m + batch)
+// fp32, uninitialized (row sums, then per-matrix norms; no atomics). keep = 1 - lr*wd,
+// one_minus_beta2 = 1 - beta2, step = lr*scale.
 cudaError_t launch_normuon_step(void* param, DType param_dtype, const void* update, DType update_dtype,
-                                float* second_moment, float* norms, int64_t batch, int64_t m, int64_t n,
+                                float* second_moment, float* workspace, int64_t batch, int64_t m, int64_t n,
                                 float keep, float one_minus_beta2, float eps, float step, bool cautious,
                                 cudaStream_t stream);
 
@@ -64,10 +65,12 @@ cudaError_t launch_hessian_ema(void* const* hessians, DType hessian_dtype, void*
 namespace fastoptim {
 
 // X = G / (safety·‖G‖_F + eps) per matrix of a strided (batch, m, n) stack G, written contiguous in
-// out_dtype; sums: batch fp32, zeroed (receives ‖G‖_F²).
-cudaError_t launch_ns_prologue(const void* g, DType g_dtype, void* out, DType out_dtype, float* sums, int64_t batch,
-                               int64_t m, int64_t n, int64_t batch_stride, int64_t row_stride, int64_t col_stride,
-                               float safety, float eps, cudaStream_t stream);
+// out_dtype. workspace: ns_prologue_workspace_floats(batch, m, n) fp32, uninitialized (per-block partial
+// sums, then the denominators: no atomics, bit-reproducible).
+int64_t ns_prologue_workspace_floats(int64_t batch, int64_t m, int64_t n);
+cudaError_t launch_ns_prologue(const void* g, DType g_dtype, void* out, DType out_dtype, float* workspace,
+                               int64_t batch, int64_t m, int64_t n, int64_t batch_stride, int64_t row_stride,
+                               int64_t col_stride, float safety, float eps, cudaStream_t stream);
 
 }  // namespace fastoptim
 

@@ -21,10 +21,12 @@
 namespace fastoptim {
 namespace {
 
+// row_sums (2·rows): Σ_j O_ij² of each row, then the same for Ô (Σ_j O_ij² / (√v_i + eps)²); summed per
+// matrix by matrix_norms_kernel in a fixed order (no atomics: bit-reproducible from run to run).
 template <typename U, bool kPacked>
 __global__ void normuon_row_stats_kernel(const U* __restrict__ update, float* __restrict__ second_moment,
-                                         float* __restrict__ norms, int64_t rows, int64_t m, int64_t n,
-                                         int64_t batch, float one_minus_beta2, float eps) {
+                                         float* __restrict__ row_sums, int64_t rows, int64_t n,
+                                         float one_minus_beta2, float eps) {
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const U* o = update + row * n;
     float sum = 0.0f;
@@ -51,9 +53,27 @@ __global__ void normuon_row_stats_kernel(const U* __restrict__ update, float* __
       const float v = lerp(second_moment[row], mean, one_minus_beta2);
       second_moment[row] = v;
       const float denom = sqrtf(v) + eps;
-      const int64_t b = row / m;
-      atomicAdd(&norms[b], sum);
-      atomicAdd(&norms[batch + b], sum / (denom * denom));
+      row_sums[row] = sum;
+      row_sums[rows + row] = sum / (denom * denom);
+    }
+  }
+}
+
+// norms[b] = Σ of matrix b's row sums of O², norms[batch + b] the same for Ô; one block per matrix.
+__global__ void matrix_norms_kernel(const float* __restrict__ row_sums, float* __restrict__ norms, int64_t rows,
+                                    int64_t m, int64_t batch) {
+  for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {  // uniform per block: block_sum is safe
+    float plain = 0.0f;
+    float hat = 0.0f;
+    for (int64_t r = threadIdx.x; r < m; r += blockDim.x) {
+      plain += row_sums[b * m + r];
+      hat += row_sums[rows + b * m + r];
+    }
+    plain = block_sum(plain);
+    hat = block_sum(hat);
+    if (threadIdx.x == 0) {
+      norms[b] = plain;
+      norms[batch + b] = hat;
     }
   }
 }
@@ -107,11 +127,13 @@ int threads_for_row(int64_t n) {
 }  // namespace
 
 cudaError_t launch_normuon_step(void* param, DType param_dtype, const void* update, DType update_dtype,
-                                float* second_moment, float* norms, int64_t batch, int64_t m, int64_t n,
+                                float* second_moment, float* workspace, int64_t batch, int64_t m, int64_t n,
                                 float keep, float one_minus_beta2, float eps, float step, bool cautious,
                                 cudaStream_t stream) {
   const int64_t rows = batch * m;
   if (rows == 0) return cudaSuccess;
+  float* row_sums = workspace;          // (2, rows)
+  float* norms = workspace + 2 * rows;  // (2, batch)
   const int threads = threads_for_row(n);
   const unsigned blocks = static_cast<unsigned>(rows < 65535 * 8 ? rows : 65535 * 8);
   cudaError_t err = dispatch_dtype(update_dtype, [&](auto u_tag) {
@@ -119,14 +141,17 @@ cudaError_t launch_normuon_step(void* param, DType param_dtype, const void* upda
     const bool packed = n % kVec<U> == 0 && aligned_for_pack<U, kVec<U>>(update);
     if (packed) {
       normuon_row_stats_kernel<U, true><<<blocks, threads, 0, stream>>>(
-          static_cast<const U*>(update), second_moment, norms, rows, m, n, batch, one_minus_beta2, eps);
+          static_cast<const U*>(update), second_moment, row_sums, rows, n, one_minus_beta2, eps);
     } else {
       normuon_row_stats_kernel<U, false><<<blocks, threads, 0, stream>>>(
-          static_cast<const U*>(update), second_moment, norms, rows, m, n, batch, one_minus_beta2, eps);
+          static_cast<const U*>(update), second_moment, row_sums, rows, n, one_minus_beta2, eps);
     }
     return cudaGetLastError();
   });
   if (err != cudaSuccess || n == 0) return err;
+  matrix_norms_kernel<<<grid_for(batch, 1, 65535 * 8), 256, 0, stream>>>(row_sums, norms, rows, m, batch);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
   return dispatch_dtype(param_dtype, [&](auto p_tag) {
     using P = decltype(p_tag);
     return dispatch_dtype(update_dtype, [&](auto u_tag) {

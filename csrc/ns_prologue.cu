@@ -1,9 +1,11 @@
 // The Newton–Schulz prologue: X = G / (safety·‖G‖_F + eps), per matrix of a stack, cast to the compute
 // dtype, in two passes over G (fastoptim.reference.newton_schulz).
 //
-// Pass 1 (grid: chunks x batch): partial sums of G² of each matrix, one atomic per block into sums[b].
-// Pass 2 (grid: chunks x batch): out[b, i, j] = G[b, i, j] / (safety·sqrt(sums[b]) + eps), written
-//   contiguous in the compute dtype.
+// Pass 1 (grid: chunks x batch): partial sums of G² of each matrix, one per block, into partials[b, chunk].
+// Then (grid: matrices) denominators[b] = safety·sqrt(Σ partials[b]) + eps, summed in a fixed order: no
+//   atomics, so the result is bit-reproducible from run to run.
+// Pass 2 (grid: chunks x batch): out[b, i, j] = G[b, i, j] / denominators[b], written contiguous in the
+//   compute dtype.
 // G is read through its strides (batch, row, column), so a transposed view is not copied.
 // Bytes: 2 reads of G + 1 write of X: 2·sizeof(G) + sizeof(X) per element; fp32 arithmetic.
 
@@ -21,7 +23,7 @@ constexpr int kThreads = 256;
 constexpr int64_t kChunk = 16 * 1024;  // elements per block
 
 template <typename G>
-__global__ void sum_squares_kernel(const G* __restrict__ g, float* __restrict__ sums, int64_t n,
+__global__ void sum_squares_kernel(const G* __restrict__ g, float* __restrict__ partials, int64_t chunks, int64_t n,
                                    int64_t numel_per_matrix, int64_t batch_stride, int64_t row_stride,
                                    int64_t col_stride) {
   const int64_t b = blockIdx.y;
@@ -36,19 +38,29 @@ __global__ void sum_squares_kernel(const G* __restrict__ g, float* __restrict__ 
     sum += x * x;
   }
   sum = block_sum(sum);
-  if (threadIdx.x == 0) atomicAdd(&sums[b], sum);
+  if (threadIdx.x == 0) partials[b * chunks + blockIdx.x] = sum;
+}
+
+__global__ void denominator_kernel(const float* __restrict__ partials, float* __restrict__ denominators,
+                                   int64_t chunks, int64_t batch, float safety, float eps) {
+  for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {  // uniform per block: block_sum is safe
+    float sum = 0.0f;
+    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) sum += partials[b * chunks + c];
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) denominators[b] = safety * sqrtf(sum) + eps;
+  }
 }
 
 template <typename G, typename X>
-__global__ void scale_cast_kernel(const G* __restrict__ g, X* __restrict__ out, const float* __restrict__ sums,
-                                  int64_t n, int64_t numel_per_matrix, int64_t batch_stride, int64_t row_stride,
-                                  int64_t col_stride, float safety, float eps) {
+__global__ void scale_cast_kernel(const G* __restrict__ g, X* __restrict__ out,
+                                  const float* __restrict__ denominators, int64_t n, int64_t numel_per_matrix,
+                                  int64_t batch_stride, int64_t row_stride, int64_t col_stride) {
   const int64_t b = blockIdx.y;
   const int64_t start = static_cast<int64_t>(blockIdx.x) * kChunk;
   const int64_t end = min(start + kChunk, numel_per_matrix);
   const G* base = g + b * batch_stride;
   X* target = out + b * numel_per_matrix;
-  const float denom = safety * sqrtf(sums[b]) + eps;
+  const float denom = denominators[b];
   for (int64_t e = start + threadIdx.x; e < end; e += blockDim.x) {
     const int64_t i = e / n;
     const int64_t j = e - i * n;
@@ -58,11 +70,18 @@ __global__ void scale_cast_kernel(const G* __restrict__ g, X* __restrict__ out, 
 
 }  // namespace
 
-cudaError_t launch_ns_prologue(const void* g, DType g_dtype, void* out, DType out_dtype, float* sums, int64_t batch,
-                               int64_t m, int64_t n, int64_t batch_stride, int64_t row_stride, int64_t col_stride,
-                               float safety, float eps, cudaStream_t stream) {
+int64_t ns_prologue_workspace_floats(int64_t batch, int64_t m, int64_t n) {
+  return batch * ((m * n + kChunk - 1) / kChunk + 1);
+}
+
+cudaError_t launch_ns_prologue(const void* g, DType g_dtype, void* out, DType out_dtype, float* workspace,
+                               int64_t batch, int64_t m, int64_t n, int64_t batch_stride, int64_t row_stride,
+                               int64_t col_stride, float safety, float eps, cudaStream_t stream) {
   const int64_t numel = m * n;
   if (batch == 0 || numel == 0) return cudaSuccess;
+  const int64_t chunks = (numel + kChunk - 1) / kChunk;
+  float* partials = workspace;                       // (batch, chunks)
+  float* denominators = workspace + batch * chunks;  // (batch)
   int64_t remaining = batch;
   int64_t first = 0;
   // gridDim.y is at most 65535: long stacks go in slices.
@@ -72,15 +91,19 @@ cudaError_t launch_ns_prologue(const void* g, DType g_dtype, void* out, DType ou
     cudaError_t err = dispatch_dtype(g_dtype, [&](auto g_tag) {
       using G = decltype(g_tag);
       const G* g_slice = static_cast<const G*>(g) + first * batch_stride;
-      sum_squares_kernel<G><<<grid, kThreads, 0, stream>>>(g_slice, sums + first, n, numel, batch_stride,
-                                                           row_stride, col_stride);
+      sum_squares_kernel<G><<<grid, kThreads, 0, stream>>>(g_slice, partials + first * chunks, chunks, n, numel,
+                                                           batch_stride, row_stride, col_stride);
       cudaError_t launch = cudaGetLastError();
+      if (launch != cudaSuccess) return launch;
+      denominator_kernel<<<grid_for(slice, 1, 65535 * 8), kThreads, 0, stream>>>(
+          partials + first * chunks, denominators + first, chunks, slice, safety, eps);
+      launch = cudaGetLastError();
       if (launch != cudaSuccess) return launch;
       return dispatch_dtype(out_dtype, [&](auto x_tag) {
         using X = decltype(x_tag);
         scale_cast_kernel<G, X><<<grid, kThreads, 0, stream>>>(g_slice, static_cast<X*>(out) + first * numel,
-                                                               sums + first, n, numel, batch_stride, row_stride,
-                                                               col_stride, safety, eps);
+                                                               denominators + first, n, numel, batch_stride,
+                                                               row_stride, col_stride);
         return cudaGetLastError();
       });
     });
