@@ -51,21 +51,40 @@ bench: install
 
 # The one command for a lent GPU machine (no internet; torch, triton, pybind11, ninja and pytest-benchmark
 # installed): build the extension, run all tests (the cuda ones too), run the benchmarks (even when a test failed: the
-# failures are in OUT/tests.txt), write everything to OUT.
+# failures are in OUT/tests.txt), write everything to OUT. Its three steps also run one by one (gpu-build,
+# gpu-tests, gpu-bench), for a machine that limits how long one command may run. The ahead-of-time Triton
+# compile test is left to CI there (it needs no GPU).
 OUT ?= bench/results/gpu
 GPU_PY ?= python
-gpu-check:
+.PHONY: gpu-build gpu-tests gpu-bench
+gpu-check: gpu-build gpu-tests gpu-bench
+
+gpu-build:
 	mkdir -p $(OUT)
 	FASTOPTIM_CUDA=1 $(GPU_PY) -m pip install --no-build-isolation --no-deps -e . > $(OUT)/build.log 2>&1
 	$(GPU_PY) -m fastoptim info | tee $(OUT)/info.txt
-	-$(GPU_PY) -m pytest tests -q --junitxml=$(OUT)/tests.xml 2>&1 | tee $(OUT)/tests.txt
-	$(GPU_PY) -m pytest bench -q --benchmark-enable --benchmark-json=$(OUT)/bench.json 2>&1 | tee $(OUT)/bench.txt
+
+gpu-tests:
+	mkdir -p $(OUT)
+	-FASTOPTIM_CUDA=1 $(GPU_PY) -m pytest tests -q --ignore=tests/test_triton_compile.py \
+		--junitxml=$(OUT)/tests.xml 2>&1 | tee $(OUT)/tests.txt
+
+gpu-bench:
+	mkdir -p $(OUT)
+	-$(GPU_PY) -m pytest bench -q --benchmark-enable --benchmark-json=$(OUT)/bench.json 2>&1 | tee $(OUT)/bench.txt
 	$(GPU_PY) bench/render.py $(OUT)/bench.json -o $(OUT)/RESULTS.md
 
 # compute-sanitizer over the CUDA-op tests (memcheck, then racecheck), on a GPU machine after gpu-check.
+# Without torch's caching allocator (PYTORCH_NO_CUDA_MEMORY_CACHING=1) memcheck sees every allocation's
+# bounds; inside the allocator's large blocks an overrun would go unseen. Large and >65535-matrix cases
+# are left out (slow under the sanitizer; the plain run covers them); racecheck takes every kernel with
+# shared memory: the symmetric product's cp.async pipeline and the block reductions.
+SANITIZE_SKIP := not 4096 and not grid_y_limit and not 2304 and not 1000 and not reproducible
+RACECHECK_ONLY := normuon or sophia or hessian or stack or newton_schulz or symmetric
 gpu-sanitize:
 	mkdir -p $(OUT)
-	compute-sanitizer --tool memcheck --error-exitcode 1 $(GPU_PY) -m pytest -q -x tests/test_cuda_ops.py \
-		tests/test_cuda_symmetric.py -k "not 4096 and not 70000" 2>&1 | tee $(OUT)/memcheck.txt
-	compute-sanitizer --tool racecheck --error-exitcode 1 $(GPU_PY) -m pytest -q -x tests/test_cuda_ops.py \
-		-k "normuon or sophia or hessian" 2>&1 | tee $(OUT)/racecheck.txt
+	-PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 $(GPU_PY) -m pytest -q \
+		tests/test_cuda_ops.py tests/test_cuda_symmetric.py -k "$(SANITIZE_SKIP)" 2>&1 | tee $(OUT)/memcheck.txt
+	-compute-sanitizer --tool racecheck --error-exitcode 1 $(GPU_PY) -m pytest -q tests/test_cuda_ops.py \
+		tests/test_cuda_symmetric.py -k "($(SANITIZE_SKIP)) and ($(RACECHECK_ONLY)) and not 768 and not speed" \
+		2>&1 | tee $(OUT)/racecheck.txt

@@ -46,13 +46,16 @@ def synchronize() -> None:
 
 
 def rotating(make_inputs, bytes_each: int):
-    """An endless cycle over enough independent input sets to exceed the L2 cache."""
-    copies = 1 if not HAS_CUDA else max(1, min(16, -(-L2_BYTES // max(bytes_each, 1))))
+    """An endless cycle over enough independent input sets to exceed the L2 cache (at most 256 sets:
+    a 768x768 bf16 matrix needs 57 to fill 64 MiB)."""
+    copies = 1 if not HAS_CUDA else max(1, min(256, -(-L2_BYTES // max(bytes_each, 1))))
     return itertools.cycle([make_inputs() for _ in range(copies)])
 
 
-def measure_seconds(fn, repeats: int) -> float:
-    fn()
+def measure_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    """Mean seconds per call over `repeats` calls, after `warmup` calls (clocks ramp up, caches fill)."""
+    for _ in range(warmup):
+        fn()
     synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
@@ -96,8 +99,16 @@ def record(benchmark, ceilings: dict, *, flops: float | None = None, bytes_moved
     benchmark.extra_info.update(info)
 
 
+WARMUP_CALLS = 3 if HAS_CUDA else 0
+
+
 def timed(fn):
-    """The callable pytest-benchmark times: the work, then a device synchronization."""
+    """The callable pytest-benchmark times: the work, then a device synchronization. On a GPU it first
+    runs the work a few times untimed: pytest-benchmark drops only the first call, and a Triton compile
+    there would leave the GPU idle (clocks down) and shrink the calibrated rounds to the minimum."""
+    for _ in range(WARMUP_CALLS):
+        fn()
+    synchronize()
 
     def call():
         out = fn()

@@ -68,9 +68,10 @@ def render(data: dict) -> str:
                 throughput, fraction = "—", None
             median = r["stats"]["median"]
             speedup = baseline / median if baseline else None
+            percent = _fmt(None if fraction is None else 100 * fraction, '.0f')
             lines.append(
                 f"| {info.get('impl', r['name'])} | {median * 1e3:.3f} | {throughput} | "
-                f"{_fmt(None if fraction is None else 100 * fraction, '.0f')}% | {_fmt(speedup, '.2f')}x |"
+                f"{percent}{'' if percent == '—' else '%'} | {_fmt(speedup, '.2f')}x |"
             )
     return "\n".join(lines) + "\n"
 

@@ -18,7 +18,9 @@ import _dist_worker as worker  # noqa: E402
 @pytest.mark.skipif(not worker.FSDP2_ON_GLOO, reason=worker.FSDP2_ON_GLOO_REASON)
 @pytest.mark.timeout(240)
 def test_fsdp_normuon_example_trains_under_torchrun():
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Two CPU ranks on gloo: hide any GPU, or the example picks NCCL and rank 1 asks for a cuda:1 that a
+    # one-GPU machine does not have.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(ROOT / "examples" / "fsdp_normuon.py"), "--steps", "11"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=220, env=env, cwd=ROOT)

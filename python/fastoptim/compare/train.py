@@ -68,6 +68,9 @@ PRESETS = {
 }
 
 SOPHIA_HESSIAN_EVERY = 10
+# Steps left out of tokens/s and ms per optimizer step: the first ones carry one-time costs (cuBLAS
+# handles, Triton compiles, the allocator's growth), which would be charged to whichever optimizer ran first.
+TIMING_WARMUP_STEPS = 3
 WARMUP_FRACTION = 0.05
 FINAL_LR_FRACTION = 0.1
 
@@ -243,7 +246,7 @@ def train(
 ) -> RunResult:
     """Train one optimizer, filling `run` as it goes (it holds valid partial numbers if interrupted)."""
     device = experiment.device
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     torch.manual_seed(experiment.seed)  # SophiaG's label sampling draws from the global RNG
     model = experiment.new_model()
     scheduled = build_optimizer(
@@ -252,7 +255,9 @@ def train(
     run.implementation = scheduled.implementation
     optimizer = scheduled.optimizer
     is_sophia = run.optimizer == "sophia"
-    step_seconds = 0.0
+    step_seconds = timed_seconds = 0.0  # over the timed steps (after TIMING_WARMUP_STEPS)
+    timed_steps = 0
+    warmup_steps = TIMING_WARMUP_STEPS if experiment.steps > TIMING_WARMUP_STEPS else 0
 
     def record_evaluation(step: int) -> None:
         run.eval_steps.append(step)
@@ -274,7 +279,7 @@ def train(
         step_start = time.perf_counter()
         optimizer.step()
         synchronize()
-        step_seconds += time.perf_counter() - step_start
+        optimizer_seconds = time.perf_counter() - step_start
         optimizer.zero_grad(set_to_none=True)
         if is_sophia and (step + 1) % SOPHIA_HESSIAN_EVERY == 0:
             # Gauss-Newton-Bartlett: gradients of the loss on labels sampled from the model's own softmax.
@@ -283,12 +288,20 @@ def train(
             optimizer.update_hessian()
             optimizer.zero_grad(set_to_none=True)
         loss_value = loss.item()
-        run.train_seconds += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        run.train_seconds += elapsed
         run.steps_done = step + 1
         run.train_steps.append(step + 1)
         run.train_losses.append(loss_value)
-        run.tokens_per_second = run.steps_done * experiment.tokens_per_step / run.train_seconds
-        run.ms_per_optimizer_step = 1e3 * step_seconds / run.steps_done
+        if step < warmup_steps:  # until timed steps exist, the numbers so far (an early Ctrl-C keeps some)
+            run.tokens_per_second = run.steps_done * experiment.tokens_per_step / run.train_seconds
+            run.ms_per_optimizer_step = 1e3 * optimizer_seconds
+        else:
+            timed_steps += 1
+            timed_seconds += elapsed
+            step_seconds += optimizer_seconds
+            run.tokens_per_second = timed_steps * experiment.tokens_per_step / timed_seconds
+            run.ms_per_optimizer_step = 1e3 * step_seconds / timed_steps
         run.optimizer_state_bytes = optimizer_state_bytes(optimizer)
         if not math.isfinite(loss_value):
             run.status = "diverged"
