@@ -24,6 +24,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 CHUNK = 16384  # elements per program of a multi-tensor kernel
 ALIGNMENT = 16  # bytes: addresses all aligned to this are hinted so loads vectorize
+MAX_GRID_Y = 65535  # programs on a CUDA grid's second axis: longer batches are launched in slices
 TABLE_CACHE_SIZE = 16  # tables are ~48 bytes per 16K-element chunk (a 7B list: ~20 MB on the device)
 
 

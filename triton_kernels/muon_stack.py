@@ -21,10 +21,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import CHUNK, TL_DTYPES, chunk_tables, device_guard, lerp, table_pointer, unsupported_lists
+from ._common import (
+    CHUNK,
+    MAX_GRID_Y,
+    TL_DTYPES,
+    chunk_tables,
+    device_guard,
+    lerp,
+    table_pointer,
+    unsupported_lists,
+)
 from .sophia import BLOCK, NUM_WARPS
 
-_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis
+_MAX_GRID_Y = MAX_GRID_Y  # module-level, so a test can lower it
 
 
 @triton.jit
@@ -148,12 +157,12 @@ def muon_momentum_stack_(
             _denominator_kernel[(len(bufs),)](
                 partials, denominators, max_chunks, safety, eps, CHUNKS_BLOCK=triton.next_power_of_2(max_chunks)
             )
-        # A grid's second axis holds at most 65535 matrices: longer stacks are normalized in slices.
-        for first in range(0, len(bufs) if normalize else 0, _MAX_GRID_Y):
-            matrices = min(len(bufs) - first, _MAX_GRID_Y)
-            _normalize_kernel[(triton.cdiv(numel, BLOCK), matrices)](
-                out[first:], denominators[first:], numel, BLOCK=BLOCK, num_warps=NUM_WARPS
-            )
+            # A grid's second axis holds at most 65535 matrices: longer stacks are normalized in slices.
+            for first in range(0, len(bufs), _MAX_GRID_Y):
+                matrices = min(len(bufs) - first, _MAX_GRID_Y)
+                _normalize_kernel[(triton.cdiv(numel, BLOCK), matrices)](
+                    out[first:], denominators[first:], numel, BLOCK=BLOCK, num_warps=NUM_WARPS
+                )
 
 
 def _supports(bufs, grads, out, *_) -> str | None:

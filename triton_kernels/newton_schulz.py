@@ -36,12 +36,12 @@ import triton.language as tl
 
 from ..coefficients import Schedule
 from . import _ns_kernels as kernels
-from ._common import device_guard
+from ._common import MAX_GRID_Y, device_guard
 
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # A CUDA grid's second axis holds at most 65535 programs: longer stacks are launched in chunks.
-_MAX_BATCH_PER_LAUNCH = 65535
+_MAX_BATCH_PER_LAUNCH = MAX_GRID_Y  # module-level, so a test can lower it
 # Tile of the two element-wise prologue kernels.
 _BLOCK_R, _BLOCK_C = 32, 128
 # Programs per matrix of the norm reduction aim at this many programs in all (per SM on a GPU).

@@ -311,15 +311,14 @@ class SophiaH(_Sophia):
                 p.grad = None if g is None else g.detach()
             check_grads(self.param_groups)
             replicas = distributed.replicate_group(self._process_group)
-            if replicas is None:
-                estimates = self._hutchinson(due, graph_grads) if due else {}
-            else:
+            if replicas is not None:
                 # Every rank sends every parameter's gradient, zeros where it has none (as DDP does for
                 # unused parameters), so the collectives agree without a host synchronization. A flat
                 # copy is sent while the Hessian-vector product runs: p.grad aliases the graph's gradients.
                 local = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
                 mean_grads = distributed.all_reduce_mean(local, replicas)
-                estimates = self._hutchinson(due, graph_grads) if due else {}
+            estimates = self._hutchinson(due, graph_grads)  # {} when no group is due
+            if replicas is not None:
                 keys = [p for group in due for p in group["params"] if p.requires_grad]
                 local = [estimates.get(p, torch.zeros_like(p)) for p in keys]
                 estimates = dict(zip(keys, distributed.all_reduce_mean(local, replicas)()))
