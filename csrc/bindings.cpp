@@ -225,9 +225,11 @@ void muon_stack_normalize_(at::Tensor out, const at::Tensor& partials, double sa
   TORCH_CHECK(partials.scalar_type() == at::kFloat && partials.dim() == 2 && partials.size(0) == out.size(0),
               "partials must be a float32 (P, chunks) tensor, got ", partials.sizes());
   const c10::cuda::CUDAGuard guard(out.device());
+  at::Tensor denominators = at::empty({out.size(0)}, partials.options());
   CHECK_CUDA_LAUNCH(fastoptim::launch_muon_stack_normalize(
-      out.data_ptr(), to_dtype(out, "out"), partials.data_ptr<float>(), out.size(0), out.size(1) * out.size(2),
-      partials.size(1), static_cast<float>(safety), static_cast<float>(eps), current_stream()));
+      out.data_ptr(), to_dtype(out, "out"), partials.data_ptr<float>(), denominators.data_ptr<float>(), out.size(0),
+      out.size(1) * out.size(2), partials.size(1), static_cast<float>(safety), static_cast<float>(eps),
+      current_stream()));
 }
 
 void hessian_ema_(const std::vector<at::Tensor>& hessians, const std::vector<at::Tensor>& estimates, double beta2) {

@@ -51,6 +51,22 @@ __device__ __forceinline__ float block_sum(float value) {
   return value;
 }
 
+// denominators[b] = safety·sqrt(Σ_c partials[b, c]) + eps for a (batch, chunks) table of per-block sums of
+// squares: a strided sum per thread, then block_sum, so the order is fixed and the result bit-reproducible
+// (no atomics). One block per matrix, grid-stride over the batch. Shared by the Newton–Schulz prologue and
+// the bucket momentum's normalization (each translation unit gets its own copy).
+namespace {
+__global__ void matrix_denominators_kernel(const float* __restrict__ partials, float* __restrict__ denominators,
+                                           int64_t chunks, int64_t batch, float safety, float eps) {
+  for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {  // uniform per block: block_sum is safe
+    float sum = 0.0f;
+    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) sum += partials[b * chunks + c];
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) denominators[b] = safety * sqrtf(sum) + eps;
+  }
+}
+}  // namespace
+
 // Launch dispatch over the storage types: calls fn.template operator()<T>() with T the C++ type.
 template <typename Fn>
 cudaError_t dispatch_dtype(DType dtype, Fn&& fn) {

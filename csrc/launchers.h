@@ -36,8 +36,9 @@ cudaError_t launch_muon_momentum_stack(void* const* bufs, DType buf_dtype, void*
                                        cudaStream_t stream);
 
 // out[i] <- out[i] / (safety·sqrt(Σ_c partials[i, c]) + eps) for a contiguous (matrices, numel) stack.
-cudaError_t launch_muon_stack_normalize(void* out, DType out_dtype, const float* partials, int64_t matrices,
-                                       int64_t numel, int64_t max_chunks, float safety, float eps,
+// denominators: `matrices` fp32, uninitialized (each matrix's denominator, computed once).
+cudaError_t launch_muon_stack_normalize(void* out, DType out_dtype, const float* partials, float* denominators,
+                                       int64_t matrices, int64_t numel, int64_t max_chunks, float safety, float eps,
                                        cudaStream_t stream);
 
 // NorMuon on a contiguous (batch, m, n) stack; second_moment (batch*m) fp32; workspace: 2*(batch*m + batch)

@@ -9,7 +9,8 @@
 // stack of dtype O: 2 sizeof(B) + sizeof(G) + sizeof(O) per element, no temporary, no copy. With
 // partials != nullptr each block also writes the sum of squares of the values it stored to
 // partials[matrix * max_chunks + chunk] (no atomics: deterministic), and muon_stack_normalize then
-// divides each matrix by (safety·sqrt(Σ its partials) + eps) in place: 2 sizeof(O) per element.
+// computes each matrix's denominator safety·sqrt(Σ its partials) + eps once (matrix_denominators_kernel,
+// as the Newton–Schulz prologue) and divides the matrix by it in place: 2 sizeof(O) per element.
 
 #include <cuda_runtime.h>
 
@@ -69,15 +70,10 @@ __global__ void muon_momentum_stack_kernel(TensorTable table, float beta, float 
 }
 
 template <typename O>
-__global__ void muon_stack_normalize_kernel(O* __restrict__ out, const float* __restrict__ partials, int64_t numel,
-                                            int64_t max_chunks, float safety, float eps) {
+__global__ void muon_stack_normalize_kernel(O* __restrict__ out, const float* __restrict__ denominators,
+                                            int64_t numel) {
   const int64_t matrix = blockIdx.y;
-  // Each block needs its matrix's sum of the partials: a strided sum per thread, then a block reduction
-  // (a fixed order for a fixed block size: deterministic), not max_chunks loads by every thread.
-  float sum = 0.0f;
-  for (int64_t c = threadIdx.x; c < max_chunks; c += blockDim.x) sum += partials[matrix * max_chunks + c];
-  sum = block_sum(sum);
-  const float denominator = safety * sqrtf(sum) + eps;
+  const float denominator = denominators[matrix];
   O* values = out + matrix * numel;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
@@ -111,20 +107,24 @@ cudaError_t launch_muon_momentum_stack(void* const* bufs, DType buf_dtype, void*
   });
 }
 
-cudaError_t launch_muon_stack_normalize(void* out, DType out_dtype, const float* partials, int64_t matrices,
-                                       int64_t numel, int64_t max_chunks, float safety, float eps,
+cudaError_t launch_muon_stack_normalize(void* out, DType out_dtype, const float* partials, float* denominators,
+                                       int64_t matrices, int64_t numel, int64_t max_chunks, float safety, float eps,
                                        cudaStream_t stream) {
   if (matrices == 0 || numel == 0) return cudaSuccess;
   constexpr int kThreads = 256;
   constexpr int64_t kMaxGridY = 65535;
+  matrix_denominators_kernel<<<grid_for(matrices, 1, 65535 * 8), kThreads, 0, stream>>>(
+      partials, denominators, max_chunks, matrices, safety, eps);
+  const cudaError_t launch = cudaGetLastError();
+  if (launch != cudaSuccess) return launch;
   return dispatch_dtype(out_dtype, [&](auto o_tag) {
     using O = decltype(o_tag);
     // gridDim.y holds at most 65535 matrices: longer stacks go in slices.
     for (int64_t first = 0; first < matrices; first += kMaxGridY) {
       const int64_t slice = matrices - first < kMaxGridY ? matrices - first : kMaxGridY;
       const dim3 grid(grid_for(numel, kThreads), static_cast<unsigned>(slice));
-      muon_stack_normalize_kernel<O><<<grid, kThreads, 0, stream>>>(
-          static_cast<O*>(out) + first * numel, partials + first * max_chunks, numel, max_chunks, safety, eps);
+      muon_stack_normalize_kernel<O><<<grid, kThreads, 0, stream>>>(static_cast<O*>(out) + first * numel,
+                                                                    denominators + first, numel);
       const cudaError_t error = cudaGetLastError();
       if (error != cudaSuccess) return error;
     }

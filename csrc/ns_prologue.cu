@@ -41,15 +41,6 @@ __global__ void sum_squares_kernel(const G* __restrict__ g, float* __restrict__ 
   if (threadIdx.x == 0) partials[b * chunks + blockIdx.x] = sum;
 }
 
-__global__ void denominator_kernel(const float* __restrict__ partials, float* __restrict__ denominators,
-                                   int64_t chunks, int64_t batch, float safety, float eps) {
-  for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {  // uniform per block: block_sum is safe
-    float sum = 0.0f;
-    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) sum += partials[b * chunks + c];
-    sum = block_sum(sum);
-    if (threadIdx.x == 0) denominators[b] = safety * sqrtf(sum) + eps;
-  }
-}
 
 template <typename G, typename X>
 __global__ void scale_cast_kernel(const G* __restrict__ g, X* __restrict__ out,
@@ -95,7 +86,7 @@ cudaError_t launch_ns_prologue(const void* g, DType g_dtype, void* out, DType ou
                                                            batch_stride, row_stride, col_stride);
       cudaError_t launch = cudaGetLastError();
       if (launch != cudaSuccess) return launch;
-      denominator_kernel<<<grid_for(slice, 1, 65535 * 8), kThreads, 0, stream>>>(
+      matrix_denominators_kernel<<<grid_for(slice, 1, 65535 * 8), kThreads, 0, stream>>>(
           partials + first * chunks, denominators + first, chunks, slice, safety, eps);
       launch = cudaGetLastError();
       if (launch != cudaSuccess) return launch;
