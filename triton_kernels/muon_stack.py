@@ -5,8 +5,8 @@
 
 With normalize, also out[i] <- out[i] / (safety·‖out[i]‖_F + eps), Newton–Schulz's normalization:
 the momentum kernel writes each program's sum of squares of the stored values to a (P, chunks)
-table of partials (no atomics: the result does not depend on scheduling), and a second kernel over
-the stack sums a matrix's partials in a fixed order and scales it in place.
+table of partials (no atomics: the result does not depend on scheduling); one program per matrix
+sums its partials in a fixed order into a denominator, and a last kernel over the stack scales it in place.
 
 `fastoptim.reference.muon_momentum_stack_` is the specification. One launch per dtype combination of
 (buf, grad) covers every matrix of the bucket, through the chunk table of `_common` (int64
