@@ -110,6 +110,117 @@ void normuon_step_(at::Tensor param, const at::Tensor& update, at::Tensor second
       static_cast<float>(lr * scale), cautious, current_stream()));
 }
 
+// A shape bucket's update stack: a contiguous CUDA (count, m, n) tensor of a kernel dtype.
+void check_update_stack(const at::Tensor& updates, size_t count) {
+  CHECK_CUDA(updates);
+  CHECK_CONTIGUOUS(updates);
+  TORCH_CHECK(updates.dim() == 3 && updates.size(0) == static_cast<int64_t>(count), "updates must be a (", count,
+              ", m, n) stack, one matrix per param, got shape ", updates.sizes());
+}
+
+// Pointers and dtypes of a bucket's parameters: each on updates' device, contiguous, with updates' m*n elements,
+// not overlapping the stack it reads.
+void collect_params(const std::vector<at::Tensor>& params, const at::Tensor& updates, std::vector<void*>& ptrs,
+                    std::vector<fastoptim::DType>& dtypes) {
+  const int64_t size = updates.size(1) * updates.size(2);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.is_cuda() && p.device() == updates.device(), "params[", i, "] must be on ", updates.device(),
+                ", got ", p.device());
+    TORCH_CHECK(p.is_contiguous(), "params[", i, "] must be contiguous");
+    TORCH_CHECK(p.numel() == size, "params[", i, "] must have updates' m*n = ", size, " elements, got shape ",
+                p.sizes());
+    at::assert_no_overlap(p, updates);
+    ptrs.push_back(p.data_ptr());
+    dtypes.push_back(to_dtype(p, "params[i]"));
+  }
+}
+
+// lr or weight_decay given as a 0-dim floating tensor on updates' device: its fp32 value's device address (a
+// non-fp32 tensor is converted on the device, into `holder`: no host synchronization), else nullptr.
+const float* device_scalar(const std::optional<at::Tensor>& value, const at::Tensor& updates, const char* name,
+                           at::Tensor& holder) {
+  if (!value.has_value()) return nullptr;
+  const at::Tensor& t = *value;
+  TORCH_CHECK(t.is_cuda() && t.device() == updates.device(), name, " must be on ", updates.device(), ", got ",
+              t.device());
+  TORCH_CHECK(t.dim() == 0 && at::isFloatingType(t.scalar_type()), name,
+              " must be a 0-dim floating-point tensor, got shape ", t.sizes(), " and dtype ", t.scalar_type());
+  holder = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+  return holder.data_ptr<float>();
+}
+
+fastoptim::StepScalars step_scalars(double lr, double weight_decay, double scale, const float* lr_device,
+                                    const float* weight_decay_device) {
+  // The float path's keep and step are rounded once from double, as for muon_apply_.
+  return {static_cast<float>(1.0 - lr * weight_decay), static_cast<float>(lr * scale), static_cast<float>(lr),
+          static_cast<float>(weight_decay), static_cast<float>(scale), lr_device, weight_decay_device};
+}
+
+// muon_apply_ for each params[i] with updates[i] of the (P, m, n) stack; lr / weight_decay_tensor (0-dim,
+// on the device) replace lr / weight_decay when given.
+void muon_apply_stack_(const std::vector<at::Tensor>& params, const at::Tensor& updates, double lr,
+                       double weight_decay, std::optional<at::Tensor> lr_tensor,
+                       std::optional<at::Tensor> weight_decay_tensor, double scale, bool cautious) {
+  check_update_stack(updates, params.size());
+  const auto update_dtype = to_dtype(updates, "updates");
+  std::vector<void*> ptrs;
+  std::vector<fastoptim::DType> dtypes;
+  collect_params(params, updates, ptrs, dtypes);
+  at::Tensor lr_holder, weight_decay_holder;
+  const float* lr_device = device_scalar(lr_tensor, updates, "lr_tensor", lr_holder);
+  const float* weight_decay_device = device_scalar(weight_decay_tensor, updates, "weight_decay_tensor",
+                                                  weight_decay_holder);
+  if (params.empty() || updates.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(updates.device());
+  CHECK_CUDA_LAUNCH(fastoptim::launch_muon_apply_stack(
+      ptrs.data(), dtypes.data(), updates.data_ptr(), update_dtype, static_cast<int64_t>(ptrs.size()),
+      updates.size(1) * updates.size(2), step_scalars(lr, weight_decay, scale, lr_device, weight_decay_device),
+      cautious, current_stream()));
+}
+
+// normuon_step_ for each params[i] with updates[i] of the (P, m, n) stack and its row moments
+// second_moments[i] (m fp32, contiguous); lr / weight_decay_tensor as in muon_apply_stack_.
+void normuon_step_stack_(const std::vector<at::Tensor>& params, const at::Tensor& updates,
+                         const std::vector<at::Tensor>& second_moments, double lr, double weight_decay,
+                         std::optional<at::Tensor> lr_tensor, std::optional<at::Tensor> weight_decay_tensor,
+                         double beta2, double eps, double scale, bool cautious) {
+  check_update_stack(updates, params.size());
+  TORCH_CHECK(second_moments.size() == params.size(), "second_moments must have as many tensors as params (",
+              params.size(), "), got ", second_moments.size());
+  const auto update_dtype = to_dtype(updates, "updates");
+  std::vector<void*> ptrs;
+  std::vector<fastoptim::DType> dtypes;
+  collect_params(params, updates, ptrs, dtypes);
+  const int64_t count = static_cast<int64_t>(params.size());
+  const int64_t m = updates.size(1);
+  const int64_t n = updates.size(2);
+  std::vector<float*> moments;
+  for (size_t i = 0; i < second_moments.size(); ++i) {
+    const at::Tensor& v = second_moments[i];
+    TORCH_CHECK(v.is_cuda() && v.device() == updates.device(), "second_moments[", i, "] must be on ",
+                updates.device(), ", got ", v.device());
+    TORCH_CHECK(v.is_contiguous(), "second_moments[", i, "] must be contiguous");
+    TORCH_CHECK(v.scalar_type() == at::kFloat, "second_moments[", i, "] must be float32, got ", v.scalar_type());
+    TORCH_CHECK(v.numel() == m, "second_moments[", i, "] must have m = ", m, " elements, got shape ", v.sizes());
+    at::assert_no_overlap(v, updates);
+    at::assert_no_overlap(v, params[i]);
+    moments.push_back(v.data_ptr<float>());
+  }
+  at::Tensor lr_holder, weight_decay_holder;
+  const float* lr_device = device_scalar(lr_tensor, updates, "lr_tensor", lr_holder);
+  const float* weight_decay_device = device_scalar(weight_decay_tensor, updates, "weight_decay_tensor",
+                                                  weight_decay_holder);
+  if (count == 0 || m == 0) return;
+  const c10::cuda::CUDAGuard guard(updates.device());
+  // Row sums of O² and Ô², then per-matrix norms (the launcher fills it; no zeroing needed).
+  at::Tensor workspace = at::empty({2 * (count * m + count)}, updates.options().dtype(at::kFloat));
+  CHECK_CUDA_LAUNCH(fastoptim::launch_normuon_step_stack(
+      ptrs.data(), dtypes.data(), moments.data(), updates.data_ptr(), update_dtype, workspace.data_ptr<float>(),
+      count, m, n, step_scalars(lr, weight_decay, scale, lr_device, weight_decay_device),
+      static_cast<float>(1.0 - beta2), static_cast<float>(eps), cautious, current_stream()));
+}
+
 // Pointers and sizes of a list of tensors, checked for one device, contiguity and one dtype.
 struct TensorList {
   std::vector<void*> ptrs;
@@ -404,6 +515,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("partials"));
   m.def("muon_stack_normalize_", &muon_stack_normalize_, "out[i] /= safety * sqrt(sum(partials[i])) + eps",
         py::arg("out"), py::arg("partials"), py::arg("safety"), py::arg("eps"));
+  m.def("muon_apply_stack_", &muon_apply_stack_,
+        "muon_apply_ for each params[i] with updates[i] of a (P, m, n) stack, in one launch per table",
+        py::arg("params"), py::arg("updates"), py::arg("lr"), py::arg("weight_decay"), py::arg("lr_tensor"),
+        py::arg("weight_decay_tensor"), py::arg("scale"), py::arg("cautious"));
+  m.def("normuon_step_stack_", &normuon_step_stack_,
+        "normuon_step_ for each params[i] with updates[i] of a (P, m, n) stack and second_moments[i]",
+        py::arg("params"), py::arg("updates"), py::arg("second_moments"), py::arg("lr"), py::arg("weight_decay"),
+        py::arg("lr_tensor"), py::arg("weight_decay_tensor"), py::arg("beta2"), py::arg("eps"), py::arg("scale"),
+        py::arg("cautious"));
   m.def("normuon_step_", &normuon_step_, "NorMuon row normalization and step (in place on param, second_moment)",
         py::arg("param"), py::arg("update"), py::arg("second_moment"), py::arg("lr"), py::arg("weight_decay"),
         py::arg("beta2"), py::arg("eps"), py::arg("scale"), py::arg("cautious"));

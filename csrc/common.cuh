@@ -1,5 +1,5 @@
 // Device helpers shared by the .cu files: fp32 conversion of the storage types, block reductions,
-// and 16-byte vector loads. CUDA headers only (DESIGN.md, "Build").
+// 16-byte vector loads, and NorMuon's row arithmetic. CUDA headers only (DESIGN.md, "Build").
 #pragma once
 
 #include <cuda_bf16.h>
@@ -105,6 +105,115 @@ struct alignas(N * sizeof(T)) Pack {
 template <typename T, int N>
 inline bool aligned_for_pack(const void* ptr) {
   return reinterpret_cast<uintptr_t>(ptr) % (N * sizeof(T)) == 0;
+}
+
+}  // namespace fastoptim
+
+// NorMuon's row arithmetic (arXiv:2510.05491; fastoptim.reference.normuon_step_), shared by normuon.cu (one
+// stack) and apply_stack.cu (a shape bucket's list of parameters) so that both round the same.
+namespace fastoptim {
+
+// This thread's share of Σ_j O_j² over a row of n elements (16-byte loads of O when kPacked); block_sum adds
+// the shares in a fixed order.
+template <typename U, bool kPacked>
+__device__ __forceinline__ float normuon_row_sum_share(const U* __restrict__ o, int64_t n) {
+  float sum = 0.0f;
+  if (kPacked) {
+    constexpr int N = kVec<U>;
+    const Pack<U, N>* packed = reinterpret_cast<const Pack<U, N>*>(o);
+    for (int64_t k = threadIdx.x; k < n / N; k += blockDim.x) {
+      const Pack<U, N> pack = packed[k];
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        const float x = to_float(pack.v[e]);
+        sum += x * x;
+      }
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      const float x = to_float(o[j]);
+      sum += x * x;
+    }
+  }
+  return sum;
+}
+
+// Pass 1's result for one row with Σ_j O_j² = sum (by one thread): v <- lerp(v, sum / n, 1 - beta2); the
+// row's contributions to ‖O‖² (sum) and to ‖Ô‖² (sum / (√v + eps)²).
+__device__ __forceinline__ void normuon_row_moment(float sum, int64_t n, float* second_moment, float one_minus_beta2,
+                                                   float eps, float* plain_sum, float* normalized_sum) {
+  const float mean = sum / static_cast<float>(n > 0 ? n : 1);
+  const float v = lerp(*second_moment, mean, one_minus_beta2);
+  *second_moment = v;
+  const float denom = sqrtf(v) + eps;
+  *plain_sum = sum;
+  *normalized_sum = sum / (denom * denom);
+}
+
+// Pass 2 over one row, this thread's elements: Ô_j = O_j · row_scale · norm_rescale with
+// row_scale = 1 / (√v + eps) and norm_rescale = ‖O‖ / (‖Ô‖ + eps); p_j <- p_j·keep (cautious: only where
+// Ô_j·p_j >= 0) - step·Ô_j. kPacked: 16-byte loads of O, p in packs of the same number of elements.
+template <typename P, typename U, bool kPacked>
+__device__ __forceinline__ void normuon_apply_row(P* __restrict__ p, const U* __restrict__ o, int64_t n,
+                                                  float second_moment, float plain_norm_sq,
+                                                  float normalized_norm_sq, float keep, float step, float eps,
+                                                  bool cautious) {
+  const float norm_rescale = sqrtf(plain_norm_sq) / (sqrtf(normalized_norm_sq) + eps);
+  const float row_scale = 1.0f / (sqrtf(second_moment) + eps);
+  if (kPacked) {
+    constexpr int N = kVec<U>;
+    Pack<P, N>* p4 = reinterpret_cast<Pack<P, N>*>(p);
+    const Pack<U, N>* o4 = reinterpret_cast<const Pack<U, N>*>(o);
+    for (int64_t k = threadIdx.x; k < n / N; k += blockDim.x) {
+      Pack<P, N> pp = p4[k];
+      const Pack<U, N> oo = o4[k];
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        const float normalized = to_float(oo.v[e]) * row_scale * norm_rescale;
+        const float pv = to_float(pp.v[e]);
+        const float decayed = (!cautious || normalized * pv >= 0.0f) ? pv * keep : pv;
+        pp.v[e] = from_float<P>(decayed - step * normalized);
+      }
+      p4[k] = pp;
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      const float normalized = to_float(o[j]) * row_scale * norm_rescale;
+      const float pv = to_float(p[j]);
+      const float decayed = (!cautious || normalized * pv >= 0.0f) ? pv * keep : pv;
+      p[j] = from_float<P>(decayed - step * normalized);
+    }
+  }
+}
+
+// norms[b] = Σ of matrix b's row sums of O² (row_sums[b·m + r]), norms[batch + b] the same for Ô
+// (row_sums[rows + b·m + r]); one block per matrix, a fixed order (no atomics: bit-reproducible).
+namespace {
+__global__ void matrix_norms_kernel(const float* __restrict__ row_sums, float* __restrict__ norms, int64_t rows,
+                                    int64_t m, int64_t batch) {
+  for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {  // uniform per block: block_sum is safe
+    float plain = 0.0f;
+    float hat = 0.0f;
+    for (int64_t r = threadIdx.x; r < m; r += blockDim.x) {
+      plain += row_sums[b * m + r];
+      hat += row_sums[rows + b * m + r];
+    }
+    plain = block_sum(plain);
+    hat = block_sum(hat);
+    if (threadIdx.x == 0) {
+      norms[b] = plain;
+      norms[batch + b] = hat;
+    }
+  }
+}
+}  // namespace
+
+// Threads per row-block: about one 16-byte vector per thread for short rows, 256 for long ones.
+inline int normuon_threads_for_row(int64_t n) {
+  const int64_t work = (n + 3) / 4;
+  if (work <= 64) return 64;
+  if (work <= 128) return 128;
+  return 256;
 }
 
 }  // namespace fastoptim

@@ -21,6 +21,39 @@ cudaError_t launch_muon_apply(void* param, DType param_dtype, const void* update
 
 namespace fastoptim {
 
+// The step's scalars keep = 1 - lr*wd and step = lr*scale. The float path gives them rounded once from double
+// (lr_device = weight_decay_device = nullptr). With lr and/or weight decay on the device (a 0-dim fp32 tensor:
+// a scheduler's lr, no host synchronization, capturable in a CUDA graph), each block computes keep and step in
+// fp32 from the loaded value(s), taking lr / weight_decay from the fields for the one given as a number; that
+// may differ in the last bit from the float path.
+struct StepScalars {
+  float keep;
+  float step;
+  float lr;
+  float weight_decay;
+  float scale;
+  const float* lr_device;            // nullable
+  const float* weight_decay_device;  // nullable
+};
+
+// muon_apply over a shape bucket: params[i] (count of them, contiguous, numel elements each, of param_dtypes[i])
+// steps by the i-th (numel-element) matrix of the contiguous stack `updates`.
+cudaError_t launch_muon_apply_stack(void* const* params, const DType* param_dtypes, const void* updates,
+                                    DType update_dtype, int64_t count, int64_t numel, StepScalars scalars,
+                                    bool cautious, cudaStream_t stream);
+
+// normuon_step over a shape bucket: params[i] (contiguous m*n elements of param_dtypes[i]) steps by the i-th
+// (m, n) matrix of the contiguous stack `updates`, with its own row moments second_moments[i] (m fp32) and
+// Frobenius norms. workspace: 2*(count*m + count) fp32, uninitialized (row sums, then per-matrix norms).
+cudaError_t launch_normuon_step_stack(void* const* params, const DType* param_dtypes, float* const* second_moments,
+                                      const void* updates, DType update_dtype, float* workspace, int64_t count,
+                                      int64_t m, int64_t n, StepScalars scalars, float one_minus_beta2, float eps,
+                                      bool cautious, cudaStream_t stream);
+
+}  // namespace fastoptim
+
+namespace fastoptim {
+
 // buf <- lerp(buf, grad, one_minus_beta); nesterov_out (nullable, buf's dtype) <- lerp(grad, buf, beta).
 cudaError_t launch_muon_momentum(void* buf, DType buf_dtype, const void* grad, DType grad_dtype, void* nesterov_out,
                                  int64_t numel, float beta, float one_minus_beta, cudaStream_t stream);

@@ -10,6 +10,7 @@
 //   p_ij <- p_ij (1 - lr wd) - lr scale Ô_ij       (cautious: decay only where Ô_ij p_ij >= 0)
 // Bytes per element: O read twice, p read and written once: 2 sizeof(U) + 2 sizeof(P) (+ 8 B per row).
 // O is read in 16-byte vectors (4 fp32 / 8 bf16) when rows are long enough and aligned.
+// The row arithmetic lives in common.cuh, shared with apply_stack.cu (a shape bucket's list of parameters).
 
 #include <cuda_runtime.h>
 
@@ -22,58 +23,15 @@ namespace fastoptim {
 namespace {
 
 // row_sums (2·rows): Σ_j O_ij² of each row, then the same for Ô (Σ_j O_ij² / (√v_i + eps)²); summed per
-// matrix by matrix_norms_kernel in a fixed order (no atomics: bit-reproducible from run to run).
+// matrix by matrix_norms_kernel (common.cuh) in a fixed order (no atomics: bit-reproducible from run to run).
 template <typename U, bool kPacked>
 __global__ void normuon_row_stats_kernel(const U* __restrict__ update, float* __restrict__ second_moment,
                                          float* __restrict__ row_sums, int64_t rows, int64_t n,
                                          float one_minus_beta2, float eps) {
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const U* o = update + row * n;
-    float sum = 0.0f;
-    if (kPacked) {
-      constexpr int N = kVec<U>;  // 16-byte loads of O
-      const Pack<U, N>* packed = reinterpret_cast<const Pack<U, N>*>(o);
-      for (int64_t k = threadIdx.x; k < n / N; k += blockDim.x) {
-        const Pack<U, N> pack = packed[k];
-#pragma unroll
-        for (int e = 0; e < N; ++e) {
-          const float x = to_float(pack.v[e]);
-          sum += x * x;
-        }
-      }
-    } else {
-      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-        const float x = to_float(o[j]);
-        sum += x * x;
-      }
-    }
-    sum = block_sum(sum);
+    const float sum = block_sum(normuon_row_sum_share<U, kPacked>(update + row * n, n));
     if (threadIdx.x == 0) {
-      const float mean = sum / static_cast<float>(n > 0 ? n : 1);
-      const float v = lerp(second_moment[row], mean, one_minus_beta2);
-      second_moment[row] = v;
-      const float denom = sqrtf(v) + eps;
-      row_sums[row] = sum;
-      row_sums[rows + row] = sum / (denom * denom);
-    }
-  }
-}
-
-// norms[b] = Σ of matrix b's row sums of O², norms[batch + b] the same for Ô; one block per matrix.
-__global__ void matrix_norms_kernel(const float* __restrict__ row_sums, float* __restrict__ norms, int64_t rows,
-                                    int64_t m, int64_t batch) {
-  for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {  // uniform per block: block_sum is safe
-    float plain = 0.0f;
-    float hat = 0.0f;
-    for (int64_t r = threadIdx.x; r < m; r += blockDim.x) {
-      plain += row_sums[b * m + r];
-      hat += row_sums[rows + b * m + r];
-    }
-    plain = block_sum(plain);
-    hat = block_sum(hat);
-    if (threadIdx.x == 0) {
-      norms[b] = plain;
-      norms[batch + b] = hat;
+      normuon_row_moment(sum, n, second_moment + row, one_minus_beta2, eps, row_sums + row, row_sums + rows + row);
     }
   }
 }
@@ -85,43 +43,9 @@ __global__ void normuon_apply_kernel(P* __restrict__ param, const U* __restrict_
                                      float eps, bool cautious) {
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t b = row / m;
-    const float norm_rescale = sqrtf(norms[b]) / (sqrtf(norms[batch + b]) + eps);
-    const float row_scale = 1.0f / (sqrtf(second_moment[row]) + eps);
-    P* p = param + row * n;
-    const U* o = update + row * n;
-    if (kPacked) {
-      constexpr int N = kVec<U>;  // 16-byte loads of O; p in packs of the same N elements
-      Pack<P, N>* p4 = reinterpret_cast<Pack<P, N>*>(p);
-      const Pack<U, N>* o4 = reinterpret_cast<const Pack<U, N>*>(o);
-      for (int64_t k = threadIdx.x; k < n / N; k += blockDim.x) {
-        Pack<P, N> pp = p4[k];
-        const Pack<U, N> oo = o4[k];
-#pragma unroll
-        for (int e = 0; e < N; ++e) {
-          const float normalized = to_float(oo.v[e]) * row_scale * norm_rescale;
-          const float pv = to_float(pp.v[e]);
-          const float decayed = (!cautious || normalized * pv >= 0.0f) ? pv * keep : pv;
-          pp.v[e] = from_float<P>(decayed - step * normalized);
-        }
-        p4[k] = pp;
-      }
-    } else {
-      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-        const float normalized = to_float(o[j]) * row_scale * norm_rescale;
-        const float pv = to_float(p[j]);
-        const float decayed = (!cautious || normalized * pv >= 0.0f) ? pv * keep : pv;
-        p[j] = from_float<P>(decayed - step * normalized);
-      }
-    }
+    normuon_apply_row<P, U, kPacked>(param + row * n, update + row * n, n, second_moment[row], norms[b],
+                                     norms[batch + b], keep, step, eps, cautious);
   }
-}
-
-int threads_for_row(int64_t n) {
-  // About one 16-byte vector per thread for short rows, 256 threads for long ones.
-  const int64_t work = (n + 3) / 4;
-  if (work <= 64) return 64;
-  if (work <= 128) return 128;
-  return 256;
 }
 
 }  // namespace
@@ -134,7 +58,7 @@ cudaError_t launch_normuon_step(void* param, DType param_dtype, const void* upda
   if (rows == 0) return cudaSuccess;
   float* row_sums = workspace;          // (2, rows)
   float* norms = workspace + 2 * rows;  // (2, batch)
-  const int threads = threads_for_row(n);
+  const int threads = normuon_threads_for_row(n);
   const unsigned blocks = static_cast<unsigned>(rows < 65535 * 8 ? rows : 65535 * 8);
   cudaError_t err = dispatch_dtype(update_dtype, [&](auto u_tag) {
     using U = decltype(u_tag);

@@ -34,7 +34,8 @@ FSDP2_ON_GLOO_REASON = (
 
 class Net(nn.Module):
     """Matrices of odd shapes: a conv kernel (5, 3, 3) -> (5, 9), two (16, 16) in one bucket, a 7-row head
-    (4 + 3 rows on two ranks) and a 1-row gate (no rows at all on the second rank)."""
+    (4 + 3 rows on two ranks), a 1-row gate (no rows at all on the second rank) and an expert bank of 3
+    (4, 4) matrices (FSDP2 shards the experts: 2 + 1 on two ranks, 1 + 1 + 1 + 0 on four)."""
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
@@ -45,12 +46,14 @@ class Net(nn.Module):
         self.fc3 = nn.Linear(16, 16)
         self.head = nn.Linear(16, 7)
         self.gate = nn.Linear(16, 1)
+        self.experts = nn.Parameter(torch.randn(3, 4, 4) * 0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.conv(x)).flatten(1)
         for layer in (self.fc1, self.fc2, self.fc3):
             h = torch.tanh(layer(h))
-        return self.head(h) + self.gate(h)
+        moe = torch.einsum("bei,eoi->beo", h.view(-1, 4, 4)[:, :3], self.experts).flatten(1)
+        return self.head(h) + self.gate(h) + moe[:, :7]
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,8 +63,9 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def groups(model: nn.Module) -> list[dict]:
     named = dict(model.named_parameters())
-    matrices = ["conv.weight", "fc1.weight", "fc2.weight", "fc3.weight", "gate.weight"]
+    matrices = ["fc1.weight", "fc2.weight", "fc3.weight", "gate.weight", "experts"]
     return [
+        {"params": [("conv.weight", named["conv.weight"])], "use_muon": True, "matrix_view": "flatten"},
         {"params": [(k, named[k]) for k in matrices], "use_muon": True},
         {"params": [("head.weight", named["head.weight"])], "use_muon": True, "split_sizes": [3, 4]},
         {"params": [(k, v) for k, v in named.items() if k.endswith("bias")], "use_muon": False},
@@ -69,10 +73,13 @@ def groups(model: nn.Module) -> list[dict]:
 
 
 def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
-    common = dict(lr=0.02, ns_dtype=torch.float32, weight_decay=0.1, adamw_lr=1e-2, adamw_weight_decay=0.01)
-    if name == "muon":
+    """muon, normuon: float32 Newton–Schulz; muon_bf16, normuon_bf16: the default bfloat16 ns_dtype."""
+    base, _, precision = name.partition("_")
+    ns_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    common = dict(lr=0.02, ns_dtype=ns_dtype, weight_decay=0.1, adamw_lr=1e-2, adamw_weight_decay=0.01)
+    if base == "muon":
         return Muon(groups(model), cautious_weight_decay=True, **common)
-    if name == "normuon":
+    if base == "normuon":
         return NorMuon(groups(model), **common)
     if name == "sophia":
         return SophiaG(model.parameters(), lr=1e-2, rho=0.05, bs=GLOBAL_BATCH)
@@ -113,7 +120,7 @@ def _fsdp_net(seed: int = 0) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     net = Net(seed)
-    for module in (net.conv, net.fc1, net.fc2, net.fc3, net.head, net.gate):
+    for module in (net.conv, net.fc1, net.fc2, net.fc3, net.head, net.gate):  # experts: the root's
         fully_shard(module)
     fully_shard(net)
     return net
@@ -136,9 +143,11 @@ def run_fsdp(name: str, rank: int, world: int, results: dict) -> None:
     train(model, opt, name, STEPS, rank=rank, world=world)
     results[f"fsdp_{name}"] = _full_params(model)
     if name == "normuon":
-        second_moment = opt.state[dict(model.named_parameters())["head.weight"]]["second_moment"]
+        named = dict(model.named_parameters())
+        second_moment = opt.state[named["head.weight"]]["second_moment"]
         results["fsdp_normuon_head_second_moment"] = second_moment.full_tensor()
         results["fsdp_normuon_head_second_moment_placements"] = list(second_moment.placements)
+        results["fsdp_normuon_experts_second_moment"] = opt.state[named["experts"]]["second_moment"].full_tensor()
 
 
 def run_checkpoint(name: str, rank: int, world: int, out_dir: str, results: dict) -> None:
@@ -200,10 +209,10 @@ def main() -> None:
     torch.set_num_threads(1)
     results: dict = {"fastoptim": fastoptim.__file__}
     try:
-        for name in ("muon", "normuon", "sophiah"):
+        for name in ("muon", "normuon", "muon_bf16", "normuon_bf16", "sophiah"):
             run_ddp(name, rank, world, results)
         if FSDP2_ON_GLOO:
-            for name in ("muon", "normuon", "sophia"):
+            for name in ("muon", "normuon", "muon_bf16", "normuon_bf16", "sophia"):
                 run_fsdp(name, rank, world, results)
             for name in ("normuon", "muon"):
                 run_checkpoint(name, rank, world, out_dir, results)

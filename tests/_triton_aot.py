@@ -253,11 +253,42 @@ def _sophia_calls(sophia) -> None:
             _call(description, sophia.hessian_ema_, *(tensors(dtype, misaligned) for dtype in dtypes), 0.99)
 
 
+def _apply_stack_calls(apply_stack) -> None:
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    # CPU tensors: the chunk tables read their addresses. Buckets of three 64 x 96 matrices (every address
+    # 16-byte aligned) or 3 x 5 (ALIGNED=False); lr and weight decay as numbers or 0-dim tensors.
+    lr_tensor, wd_tensor = torch.tensor(0.02), torch.tensor(0.1, dtype=torch.float64)
+    hyper = [(0.02, 0.1), (lr_tensor, 0.1), (0.02, wd_tensor), (lr_tensor, wd_tensor)]
+    for param_dtype, update_dtype in [(f32, f32), (f32, bf16), (bf16, bf16), (f16, f32)]:
+        for m, n in [(64, 96), (3, 5)]:
+            for cautious in (False, True):
+                for lr, weight_decay in hyper if (cautious and m == 64) else hyper[:1]:
+                    params = [torch.zeros((m, n), dtype=param_dtype) for _ in range(3)]
+                    updates = torch.zeros((3, m, n), dtype=update_dtype)
+                    description = (f"muon_apply_stack_ {_name(param_dtype)}/{_name(update_dtype)} {(3, m, n)} "
+                                   f"cautious={cautious} tensors={type(lr).__name__}/{type(weight_decay).__name__}")
+                    _call(description, apply_stack.muon_apply_stack_, params, updates, lr, weight_decay, 1.0, cautious)
+    # normuon's tiles, a matrix with more rows than one table chunk (16384), n = 0 (row statistics only).
+    shapes = [(1, 1), (7, 3), (64, 64), (4096, 16), (300, 200), (5, 0), (20000, 2)]
+    calls = [(shape, (f32, f32, f32), cautious, 0.02) for shape in shapes for cautious in (False, True)]
+    calls += [(shape, (f32, bf16, bf16), False, lr_tensor) for shape in shapes]
+    calls += [((64, 64), (bf16, f16, f32), True, lr_tensor), ((300, 200), (bf16, f32, bf16), True, 0.02)]
+    for (m, n), (v_dtype, param_dtype, update_dtype), cautious, lr in calls:
+        params = [torch.zeros((m, n), dtype=param_dtype) for _ in range(3)]
+        second_moments = [torch.zeros(m, dtype=v_dtype) for _ in range(3)]
+        updates = torch.zeros((3, m, n), dtype=update_dtype)
+        description = (f"normuon_step_stack_ {(3, m, n)} {_name(v_dtype)}/{_name(param_dtype)}/{_name(update_dtype)} "
+                       f"cautious={cautious} lr={type(lr).__name__}")
+        _call(description, apply_stack.normuon_step_stack_, params, updates, second_moments, lr, 0.1, 0.95, 1e-8, 1.0,
+              cautious)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (default: 90 and 80)")
     parser.add_argument(
-        "--only", action="append", help="a family: newton_schulz, muon, muon_stack, normuon, sophia (default: all)"
+        "--only", action="append",
+        help="a family: newton_schulz, muon, muon_stack, normuon, sophia, apply_stack (default: all)",
     )
     options = parser.parse_args()
 
@@ -268,7 +299,7 @@ def main() -> None:
     JITFunction.run = _compile_instead_of_launch
 
     import fastoptim.triton_kernels as package
-    from fastoptim.triton_kernels import muon, muon_stack, newton_schulz, normuon, sophia
+    from fastoptim.triton_kernels import apply_stack, muon, muon_stack, newton_schulz, normuon, sophia
 
     newton_schulz._target_programs = lambda device: newton_schulz._REDUCTION_PROGRAMS_PER_SM * H100_SMS
     families = {
@@ -277,6 +308,7 @@ def main() -> None:
         "muon_stack": lambda: _muon_stack_calls(muon_stack),
         "normuon": lambda: _normuon_calls(normuon),
         "sophia": lambda: _sophia_calls(sophia),
+        "apply_stack": lambda: _apply_stack_calls(apply_stack),
     }
     # Every module of the package, so that a kernel added later and not launched here shows.
     names = [info.name for info in pkgutil.iter_modules(package.__path__)]

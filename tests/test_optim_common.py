@@ -170,13 +170,15 @@ def test_param_groups_routing(tie):
     model = TinyLM(tie)
     groups = fastoptim.param_groups(model, head_names=("proj",), lr=0.05)
     muon_ids = {id(p) for p in groups[0]["params"]}
-    adamw_ids = {id(p) for p in groups[1]["params"]}
-    assert groups[0]["use_muon"] and not groups[1]["use_muon"] and groups[0]["lr"] == 0.05
-    assert muon_ids == {id(model.block[0].weight), id(model.block[2].weight), id(model.conv.weight)}
+    adamw_ids = {id(p) for p in groups[2]["params"]}
+    assert groups[0]["use_muon"] and not groups[2]["use_muon"] and groups[0]["lr"] == 0.05
+    assert muon_ids == {id(model.block[0].weight), id(model.block[2].weight)}
+    # The Conv1d kernel (8, 8, 3) is one (8, 24) matrix, not a stack of 8 (8, 3) matrices.
+    assert groups[1] == {"params": [model.conv.weight], "use_muon": True, "matrix_view": "flatten", "lr": 0.05}
     assert id(model.wte.weight) in adamw_ids and id(model.proj.weight) in adamw_ids
     assert id(model.block[3].weight) in adamw_ids and id(model.conv.bias) in adamw_ids
     opt = NorMuon(groups)
-    assert [g["lr"] for g in opt.param_groups] == [0.05, 3e-4]
+    assert [g["lr"] for g in opt.param_groups] == [0.05, 0.05, 3e-4]
     # Default head names do not match "proj": untied, it is a hidden matrix unless named.
     default = fastoptim.param_groups(model)
     assert (id(model.proj.weight) in {id(p) for p in default[0]["params"]}) is not tie

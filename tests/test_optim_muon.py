@@ -199,16 +199,16 @@ def test_mixed_groups_and_group_hyperparameters():
 
 
 def test_one_batched_newton_schulz_call_per_bucket(monkeypatch):
-    import fastoptim.optim._base as base
+    import fastoptim.optim._engine as engine
 
     calls = []
-    original = base.newton_schulz
+    original = engine.newton_schulz
 
     def counting(G, **kwargs):
         calls.append(tuple(G.shape))
         return original(G, **kwargs)
 
-    monkeypatch.setattr(base, "newton_schulz", counting)
+    monkeypatch.setattr(engine, "newton_schulz", counting)
     params = _params([(6, 10), (6, 10), (12, 5), (4, 3, 3, 3), (4, 27), (6, 10)], torch.float32)
     opt = Muon(params, ns_dtype=torch.float32)
     for p in params:

@@ -89,13 +89,21 @@ def test_tall_is_transposed_wide(schedule):
     torch.testing.assert_close(tall, wide.mT, rtol=1e-10, atol=1e-10)
 
 
-def test_batched_is_looped():
-    G = torch.randn(2, 3, 20, 17, dtype=torch.float64)
-    X = reference.newton_schulz(G, compute_dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_batched_is_looped(dtype):
+    """Each matrix of a stack is orthogonalized on its own: bit for bit what a smaller stack holding it
+    gives (an owner's share of a bucket rounds like the whole bucket). A single matrix (2-D, or a stack
+    of one) may go through another CPU matmul kernel than a batch (mm vs batched gemm): equal to rounding."""
+    G = torch.randn(2, 3, 20, 17, dtype=torch.float64).to(dtype)
+    X = reference.newton_schulz(G, compute_dtype=dtype)
     for i in range(2):
         for j in range(3):
-            single = reference.newton_schulz(G[i, j], compute_dtype=torch.float64)
-            torch.testing.assert_close(X[i, j], single, rtol=0, atol=0)
+            pair = reference.newton_schulz(G[i, [j, (j + 1) % 3]], compute_dtype=dtype)
+            exact = 1e-14 if dtype == torch.float64 else 0.0  # CPU float64 bmm of 4-D and 3-D stacks: 1 ulp
+            torch.testing.assert_close(X[i, j], pair[0], rtol=exact, atol=exact)
+            single = reference.newton_schulz(G[i, j], compute_dtype=dtype)
+            tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 5e-2}[dtype]
+            torch.testing.assert_close(X[i, j], single, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("factor", [1e-20, 1e-3, 7.0, 1e20])

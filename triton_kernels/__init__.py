@@ -11,10 +11,10 @@ can run (a GPU, or TRITON_INTERPRET=1 for CPU tensors).
 
 from __future__ import annotations
 
-from . import muon, muon_stack, newton_schulz, normuon, sophia
+from . import apply_stack, muon, muon_stack, newton_schulz, normuon, sophia
 
 OPS: dict = {}
 SUPPORTS: dict = {}
-for _module in (newton_schulz, muon, muon_stack, normuon, sophia):
+for _module in (newton_schulz, muon, muon_stack, normuon, sophia, apply_stack):
     OPS.update(_module.OPS)
     SUPPORTS.update(_module.SUPPORTS)

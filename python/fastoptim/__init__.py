@@ -11,10 +11,12 @@ from .backends import BackendUnavailableError
 from .ops import (
     hessian_ema_,
     muon_apply_,
+    muon_apply_stack_,
     muon_momentum_,
     muon_momentum_stack_,
     newton_schulz,
     normuon_step_,
+    normuon_step_stack_,
     sophia_step_,
 )
 from .optim import Muon, NorMuon, SophiaG, SophiaH, param_groups, sophia_sampled_loss
@@ -31,10 +33,12 @@ __all__ = [
     "coefficients",
     "hessian_ema_",
     "muon_apply_",
+    "muon_apply_stack_",
     "muon_momentum_",
     "muon_momentum_stack_",
     "newton_schulz",
     "normuon_step_",
+    "normuon_step_stack_",
     "ops",
     "optim",
     "param_groups",

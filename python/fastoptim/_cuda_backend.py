@@ -60,6 +60,26 @@ def normuon_step_(param, update, second_moment, lr, weight_decay, beta2, eps, sc
     _C.normuon_step_(param, update, second_moment, lr, weight_decay, beta2, eps, scale, cautious)
 
 
+def _split(value: float | torch.Tensor) -> tuple[float, torch.Tensor | None]:
+    """A hyper-parameter as the bindings take it: (number, None), or (0.0, 0-dim tensor read on the device)."""
+    return (0.0, value) if isinstance(value, torch.Tensor) else (value, None)
+
+
+def muon_apply_stack_(params, updates, lr, weight_decay, scale, cautious) -> None:
+    # One launch per parameter dtype for up to 128 matrices (the kernel arguments carry the pointer table).
+    lr, lr_tensor = _split(lr)
+    weight_decay, weight_decay_tensor = _split(weight_decay)
+    _C.muon_apply_stack_(params, updates, lr, weight_decay, lr_tensor, weight_decay_tensor, scale, cautious)
+
+
+def normuon_step_stack_(params, updates, second_moments, lr, weight_decay, beta2, eps, scale, cautious) -> None:
+    # Three launches (row statistics, per-matrix norms, apply) for up to 128 matrices of one parameter dtype.
+    lr, lr_tensor = _split(lr)
+    weight_decay, weight_decay_tensor = _split(weight_decay)
+    _C.normuon_step_stack_(params, updates, second_moments, lr, weight_decay, lr_tensor, weight_decay_tensor, beta2,
+                           eps, scale, cautious)
+
+
 # Smallest Gram side s = min(m, n) from which the upper-triangle tensor-core kernel (csrc/symmetric_gemm.cu)
 # beats cuBLAS for X Xᵀ and A·A. None until a GPU run has measured it (bench_newton_schulz's
 # fastoptim-cuda-symmetric rows): dispatch picks per shape from measured data, not guesses.
@@ -133,12 +153,20 @@ def _normuon_support(param, update, second_moment, *_) -> str | None:
     return _support(param, update, second_moment)
 
 
+def _normuon_stack_support(params, updates, second_moments, *_) -> str | None:
+    if any(v.dtype != torch.float32 for v in second_moments):
+        return "its NorMuon kernel takes float32 second_moments"
+    return _list_support(params, [updates], second_moments)
+
+
 OPS = {
     "newton_schulz": newton_schulz,
     "muon_momentum_stack_": muon_momentum_stack_,
     "muon_apply_": muon_apply_,
+    "muon_apply_stack_": muon_apply_stack_,
     "muon_momentum_": muon_momentum_,
     "normuon_step_": normuon_step_,
+    "normuon_step_stack_": normuon_step_stack_,
     "sophia_step_": sophia_step_,
     "hessian_ema_": hessian_ema_,
 }
@@ -147,7 +175,9 @@ SUPPORTS = {
     "muon_apply_": lambda param, update, *_: _support(param, update),
     "muon_momentum_": lambda buf, grad, nesterov_out, beta: _support(buf, grad, nesterov_out),
     "muon_momentum_stack_": lambda bufs, grads, out, *_: _list_support(bufs, grads, [out]),
+    "muon_apply_stack_": lambda params, updates, *_: _list_support(params, [updates]),
     "normuon_step_": _normuon_support,
+    "normuon_step_stack_": _normuon_stack_support,
     "sophia_step_": _sophia_support,
     "hessian_ema_": lambda hessians, estimates, beta2: _list_support(hessians, estimates),
 }

@@ -36,7 +36,9 @@ OPS = {
     "muon_momentum_": muon_momentum_,
     "muon_momentum_stack_": reference.muon_momentum_stack_,
     "muon_apply_": reference.muon_apply_,
+    "muon_apply_stack_": reference.muon_apply_stack_,
     "normuon_step_": reference.normuon_step_,
+    "normuon_step_stack_": reference.normuon_step_stack_,
     "sophia_step_": sophia_step_,
     "hessian_ema_": reference.hessian_ema_,
 }

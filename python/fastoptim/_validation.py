@@ -117,3 +117,23 @@ def matching_lists(names: Sequence[str], lists: Sequence[list[torch.Tensor]]) ->
     devices = {t.device for t in first}
     if len(devices) > 1:
         raise ValueError(f"{first_name} must all be on one device, got {sorted(map(str, devices))}")
+
+
+def non_negative_or_tensor(name: str, value: object, *, read_value: bool = True) -> float | torch.Tensor:
+    """A finite number >= 0, or a 0-D real floating tensor (a capturable learning rate or weight decay).
+    A tensor's value is read (a host synchronization) only with read_value, e.g. once when a group is
+    added; at step time only its kind is checked."""
+    if not isinstance(value, torch.Tensor):
+        return non_negative(name, value)
+    if value.dim() != 0 or value.is_complex() or not value.is_floating_point():
+        raise TypeError(
+            f"{name} must be a number or a 0-D floating-point tensor, got a tensor of shape "
+            f"{tuple(value.shape)} and dtype {value.dtype}"
+        )
+    if value.requires_grad:
+        raise ValueError(f"{name} must not require grad")
+    if read_value and value.device.type != "meta":
+        number = float(value)
+        if not math.isfinite(number) or number < 0:
+            raise ValueError(f"{name} must be finite and >= 0, got {number}")
+    return value

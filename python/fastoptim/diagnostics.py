@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from . import _validation as check
+from ._geometry import matrix_form
 
 METHODS = ("power", "svd")
 _TINY = 1e-30
@@ -334,8 +335,10 @@ class NoiseScaleEMA:
 def optimizer_diagnostics(optimizer: torch.optim.Optimizer, iters: int = 20, seed: int = 0) -> dict[str, Tensor]:
     """A small summary of an optimizer's matrices and state, as 0-dim tensors (no host sync).
 
-    Matrices are the parameters of ndim >= 2 in groups not marked ``use_muon=False`` (flattened to
-    (shape[0], -1)), batched by shape. Keys present when they apply:
+    Matrices are those the optimizer orthogonalizes: the parameters of ndim >= 2 in groups not
+    marked ``use_muon=False``, read by the group's ``matrix_view`` (a 3-D expert bank is one matrix
+    per expert; 4-D conv kernels flatten to (shape[0], -1); see `fastoptim._geometry`), batched by
+    shape. Keys present when they apply:
     ``weight_stable_rank_mean``, ``weight_condition_number_max`` (power iteration),
     ``momentum_row_cv_mean`` (row-norm CV of Muon's momentum buffers: the imbalance NorMuon targets),
     ``sophia_win_rate`` (groups with ``rho``; the effective rho is rho·bs when the group has ``bs``).
@@ -355,11 +358,11 @@ def optimizer_diagnostics(optimizer: torch.optim.Optimizer, iters: int = 20, see
                 sophia_rho.append(group["rho"] * group.get("bs", 1))
             if p.dim() < 2 or group.get("use_muon", True) is False or p.numel() == 0:
                 continue
-            shape = (p.shape[0], p.numel() // p.shape[0])
-            key = (shape, p.dtype, p.device)
-            buckets.setdefault(key, []).append(p.detach().reshape(shape))
+            _, m, n = matrix_form(p.shape, group.get("matrix_view", "auto"))
+            key = ((m, n), p.dtype, p.device)
+            buckets.setdefault(key, []).extend(p.detach().reshape(-1, m, n))
             if "momentum_buffer" in state:
-                momenta.setdefault(key, []).append(state["momentum_buffer"].reshape(shape))
+                momenta.setdefault(key, []).extend(state["momentum_buffer"].reshape(-1, m, n))
     out: dict[str, Tensor] = {}
     if buckets:
         ranks, conds = [], []

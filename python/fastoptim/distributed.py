@@ -1,39 +1,41 @@
-"""Muon and NorMuon on torch.distributed: replicated (DDP) and sharded (FSDP2 / DTensor) parameters.
+"""Muon and NorMuon on torch.distributed: the layouts of the bucket engine (replicated, sharded).
 
-Nothing to call: `Muon` and `NorMuon` find out by themselves. Single-process use needs no process
-group and runs the single-process code unchanged.
-
-Modes (per matrix group, per shape bucket: the parameters of one (m, n), dtype and device)
+Nothing to call: `Muon` and `NorMuon` find out by themselves. A layout only decides who owns which whole
+matrices and how they reach their owner and come back; the momentum -> normalize -> Newton–Schulz ->
+apply calls are the engine's (`fastoptim.optim._engine.Compute`), the same as one process, so every
+layout rounds exactly like one process (bfloat16 ns_dtype included).
 
 Replicated — plain tensors while torch.distributed is initialized with more than one rank (DDP)
     ``process_group="auto"`` (the default) takes the default group; pass a ProcessGroup (e.g. the
     replicate dimension of a hybrid setup) or None (every rank steps every matrix, no communication).
-    Every rank holds the full gradients after DDP's all-reduce and updates every momentum buffer
-    (elementwise, cheap, bit-identical on every rank because the gradients are). Each bucket's
-    matrices are cut into at most W chunks, and the chunks are given to ranks greedily by
-    Newton–Schulz FLOPs (ns_steps·(4s²l + 2s³) per s x l block, s <= l; largest chunk first, to the
-    least-loaded rank), so a big bucket and many small ones balance by work, not by count. The owner
-    of a matrix orthogonalizes it and runs the optimizer's own apply step on the real parameter —
-    the very ops of a single process — then broadcasts the parameter (and NorMuon's ``second_moment``,
-    whose update needs the orthogonalized matrix) asynchronously, as soon as its bucket is done;
-    the next bucket is computed while it travels, and step() waits for all of them at the end.
-    Every rank ends the step with bit-identical parameters and state, so any rank's
-    ``state_dict()`` is a complete single-process state dict (a single process can load it).
+    Every rank holds the full gradients after DDP's all-reduce and runs the momentum of every matrix of a
+    bucket into its Newton–Schulz stack (elementwise, bit-identical on every rank because the gradients
+    are; the stack is what one process writes). Each bucket's matrices (expert-bank experts and row blocks
+    included) are cut into at most W chunks, given greedily to ranks by Newton–Schulz FLOPs
+    (ns_steps·(4s²l + 2s³) per s x l matrix, s <= l; largest chunk first, to the least-loaded rank). The
+    owner of a chunk orthogonalizes it and applies it to the real parameters with the engine's one
+    multi-tensor apply, then broadcasts each matrix (and NorMuon's ``second_moment`` rows)
+    asynchronously; the next bucket is computed while they travel, and step() waits at the end. Every
+    rank ends the step with bit-identical parameters and state, so any rank's ``state_dict()`` is a
+    complete single-process state dict.
 
 Sharded — DTensor parameters placed ``[Shard(0)]`` on a 1-D mesh (FSDP2 ``fully_shard``)
-    Shards follow torch.chunk (ceil(m/W) rows per rank, the last ranks fewer, possibly none), so
-    uneven row counts work. State is sharded like the parameter: ``momentum_buffer`` is a DTensor
-    like it, ``second_moment`` a (m,) DTensor ``Shard(0)`` on the same mesh; both are saved and loaded
-    by ``torch.distributed.checkpoint`` (``get_optimizer_state_dict`` / ``set_optimizer_state_dict``).
-    Each rank updates the momentum of its rows. Matrices get owners as above; one asynchronous
-    all-to-all per bucket brings every owner the rows of its matrices (with NorMuon the ``second_moment``
-    rows too), the owner orthogonalizes whole matrices and computes the step direction D of each row
-    block (`MatrixOptimizer._block_direction`: Muon D = O; NorMuon D = Ô, the row-normalized,
-    norm-rescaled update, from whole matrices, so its Frobenius norms are those of one process), and
-    a second all-to-all returns each rank the rows of D (and of the new ``second_moment``) it holds.
-    Each rank then takes p·(1 - lr·wd) - lr·scale·D on its rows: exactly the single-process step.
-    The all-to-all of bucket b+1 runs while bucket b is orthogonalized. Any other placement (Shard(1),
-    Replicate, Partial, a 2-D mesh) is refused at construction with a ValueError naming the parameter.
+    - Expert banks (read as stacks of matrices, ``matrix_view``): Shard(0) splits the experts, so every
+      rank holds whole matrices and steps them locally: no communication.
+    - Matrices (2-D, flattened conv kernels): shards follow torch.chunk (ceil(m/W) rows per rank, the last
+      ranks fewer, possibly none). State is sharded like the parameter (``momentum_buffer`` a DTensor like
+      it, ``second_moment`` a (m,) DTensor ``Shard(0)``), saved and loaded by
+      ``torch.distributed.checkpoint``. Each rank runs the momentum of its rows and casts their
+      Newton–Schulz input to ns_dtype (one multi-tensor call per bucket); one asynchronous all-to-all
+      per bucket brings every owner the rows of its matrices (with NorMuon the ``second_moment`` rows
+      too); the owner normalizes and orthogonalizes whole matrices (Newton–Schulz's normalization is the
+      formula the fused momentum normalization of one process uses, on the same ns_dtype values) and
+      computes the step direction D (Muon D = O; NorMuon D = Ô from whole rows and whole-matrix norms);
+      a second all-to-all returns each rank the rows of D (and of the new ``second_moment``), which it
+      applies with one multi-tensor ``muon_apply_stack_`` per bucket. The all-to-all of bucket b+1 runs
+      while bucket b is orthogonalized.
+    Any other placement (Shard(1), Replicate, Partial, a 2-D mesh) is refused at construction with a
+    ValueError naming the parameter.
 
 AdamW groups and SophiaG are elementwise and run on each rank's local shard (torch's foreach AdamW
 takes DTensors; Sophia's ops get `local_tensor` views): no communication; their gradients are the ones
@@ -75,9 +77,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .coefficients import Schedule, resolve
-from .ops import muon_apply_, muon_momentum_
-from .optim._base import matrix_shape, row_blocks, shape_scale
+from ._geometry import assign_work, newton_schulz_flops, row_blocks, row_bounds, shape_scale
 
 if dist.is_available():
     from torch.distributed.tensor import DTensor, Shard
@@ -159,120 +159,55 @@ def all_reduce_mean(tensors: Sequence[Tensor], process_group: Any) -> Callable[[
     return finish
 
 
-def is_distributed(process_group: Any, params: Sequence[Tensor]) -> bool:
-    """Whether a matrix group takes the distributed step (else the single-process one)."""
-    return replicate_group(process_group) is not None or any(is_dtensor(p) for p in params)
 
 
-# --------------------------------------------------------------------------------------------------
-# Work split
+def check_grad_placement(p: Tensor, index: int) -> None:
+    """A DTensor parameter's gradient must be sharded like it (checked before a step changes anything)."""
+    grad = p.grad
+    if not is_dtensor(grad) or tuple(grad.placements) != tuple(p.placements):
+        placements = list(grad.placements) if is_dtensor(grad) else "a plain tensor"
+        raise ValueError(
+            f"params[{index}] is placed {list(p.placements)} but its gradient is {placements}; "
+            "the sharded step needs the gradient sharded like the parameter"
+        )
 
 
-def newton_schulz_flops(n: int, blocks: Sequence[tuple[int, int]], steps: int) -> int:
-    """FLOPs of Newton–Schulz on one matrix of n columns cut into row blocks: per s x l block
-    (s = min, l = max) and iteration, X·Xᵀ (2s²l), the polynomial in it (2s³) and the product with X (2s²l)."""
-    total = 0
-    for r0, r1 in blocks:
-        s, big = sorted((r1 - r0, n))
-        total += steps * (4 * s * s * big + 2 * s**3)
-    return total
-
-
-def assign_work(buckets: Sequence[tuple[int, int]], world: int) -> list[list[int]]:
-    """Owner rank of every matrix of every bucket, from (matrix count, FLOPs per matrix) per bucket.
-
-    Each bucket is cut into min(count, world) near-equal chunks (a chunk stays one batched
-    Newton–Schulz call); the chunks go, largest first, to the least-loaded rank (ties: the lower
-    bucket, chunk and rank), so every rank computes the same answer.
-    """
-    chunks = []
-    for b, (count, flops) in enumerate(buckets):
-        parts = min(count, world)
-        bounds = [count * c // parts for c in range(parts + 1)] if parts else [0]
-        chunks += [(flops * (stop - start), b, start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
-    owners = [[0] * count for count, _ in buckets]
-    load = [0] * world
-    for cost, b, start, stop in sorted(chunks, key=lambda c: (-c[0], c[1], c[2])):
-        rank = min(range(world), key=lambda r: (load[r], r))
-        load[rank] += cost
-        owners[b][start:stop] = [rank] * (stop - start)
-    return owners
-
-
-def _owners(opt: Any, group: dict, buckets: dict, schedule: Schedule, process_group: Any, world: int) -> list:
-    """`assign_work` for a group's buckets, cached per layout; a new layout is first compared across
-    ranks (ranks that disagree would otherwise wait on each other's collectives forever)."""
-    blocks_of = {m: row_blocks(group.get("split_sizes"), m) for m, *_ in buckets}
-    layout = tuple(
-        (m, n, str(dtype), len(params), newton_schulz_flops(n, blocks_of[m], len(schedule.triples)))
-        for (m, n, dtype, *_), params in buckets.items()
+def shard_rows_like(p: Tensor, full: Tensor) -> Tensor:
+    """A new state tensor `full` (dim 0 = p's dim 0) sharded like p's Shard(0); p itself when not a DTensor."""
+    if not is_dtensor(p):
+        return full
+    mesh = p.device_mesh
+    start, stop = row_bounds(full.shape[0], mesh.size())[mesh.get_local_rank()]
+    return DTensor.from_local(
+        full[start:stop].clone(), mesh, [Shard(0)], run_check=False, shape=full.shape, stride=full.stride()
     )
-    cache = opt.__dict__.setdefault("_distributed_plans", {})
-    key = (id(process_group), world, layout)
-    if key not in cache:
-        if world > 1:
-            gathered: list = [None] * world
-            dist.all_gather_object(gathered, layout, group=process_group)
-            if any(other != layout for other in gathered):
-                raise RuntimeError(
-                    "the ranks disagree on the matrices of a Muon/NorMuon group (shapes, dtypes or which "
-                    f"have gradients): {gathered}. Plain tensors are taken as replicated over the process "
-                    "group (DDP); pass process_group=None when they are not"
-                )
-        cache[key] = assign_work([(count, flops) for *_, count, flops in layout], world)
-    return cache[key]
 
 
-# --------------------------------------------------------------------------------------------------
-# The step
+def _check_layout(layout: tuple, process_group: Any, world: int) -> None:
+    """Ranks that disagree on a group's matrices would wait on each other's collectives forever: raise."""
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, layout, group=process_group)
+    if any(other != layout for other in gathered):
+        raise RuntimeError(
+            "the ranks disagree on the matrices of a Muon/NorMuon group (shapes, dtypes or which have "
+            f"gradients): {gathered}. Plain tensors are taken as replicated over the process group (DDP); "
+            "pass process_group=None when they are not"
+        )
 
 
-def matrix_group_step(opt: Any, group: dict[str, Any], process_group: Any) -> None:
-    """One step of a matrix group whose parameters are DTensors or replicated over a process group."""
-    replicated: dict[tuple, list[Tensor]] = {}
-    sharded: dict[Any, dict[tuple, list[Tensor]]] = {}
-    for i, p in enumerate(group["params"]):
-        if p.grad is None:
-            continue
-        m, n = matrix_shape(p)
-        if is_dtensor(p):
-            if not is_dtensor(p.grad) or tuple(p.grad.placements) != tuple(p.placements):
-                placements = list(p.grad.placements) if is_dtensor(p.grad) else "a plain tensor"
-                raise ValueError(
-                    f"params[{i}] is placed {list(p.placements)} but its gradient is {placements}; "
-                    "the sharded step needs the gradient sharded like the parameter"
-                )
-            sharded.setdefault(p.device_mesh, {}).setdefault((m, n, p.dtype, p.device), []).append(p)
-        else:
-            replicated.setdefault((m, n, p.dtype, p.device), []).append(p)
-    schedule = resolve(group["coefficients"], group["ns_steps"])
-    for mesh, buckets in sharded.items():
-        _sharded_step(opt, group, buckets, schedule, mesh)
-    if replicated:
-        _replicated_step(opt, group, replicated, schedule, replicate_group(process_group))
+class _Owners:
+    """`assign_work` per bucket layout, cached; a new layout is first compared across ranks."""
 
+    def __init__(self) -> None:
+        self._cache: dict = {}
 
-def _momentum(opt: Any, group: dict, p: Tensor, m: int, mesh: Any = None) -> Tensor | None:
-    """The momentum step of one matrix's (local) rows; returns the Newton–Schulz input of those rows
-    (None for a rank that holds none of them, which still gets its empty state)."""
-    state = opt.state[p]
-    if "momentum_buffer" not in state:
-        opt._init_state(p, state, m)
-        if mesh is not None:  # per-row state becomes a (m,) DTensor sharded like the rows
-            start, stop = _row_bounds(m, mesh.size())[mesh.get_local_rank()]
-            for key in opt._row_state_keys:
-                state[key] = DTensor.from_local(
-                    state[key][start:stop].clone(), mesh, [Shard(0)], run_check=False, shape=(m,), stride=(1,)
-                )
-    if local_tensor(p).numel() == 0:
-        return None
-    return muon_momentum_(
-        local_tensor(state["momentum_buffer"]),
-        local_tensor(p.grad),
-        group["momentum"],
-        group["nesterov"],
-        group["backend"],
-    )
+    def __call__(self, layout: tuple, costs: list[tuple[int, int]], process_group: Any, world: int) -> list:
+        key = (id(process_group), world, layout)
+        if key not in self._cache:
+            if world > 1:
+                _check_layout(layout, process_group, world)
+            self._cache[key] = assign_work(costs, world)
+        return self._cache[key]
 
 
 def _broadcast(t: Tensor, src: int, process_group: Any) -> Callable[[], None]:
@@ -288,40 +223,42 @@ def _broadcast(t: Tensor, src: int, process_group: Any) -> Callable[[], None]:
     return finish
 
 
-def _replicated_step(opt: Any, group: dict, buckets: dict, schedule: Schedule, process_group: Any) -> None:
-    world = 1 if process_group is None else dist.get_world_size(process_group)
-    rank = 0 if process_group is None else dist.get_rank(process_group)
-    owners = _owners(opt, group, buckets, schedule, process_group, world)
-    pending = []
-    for b, ((m, n, dtype, device), params) in enumerate(buckets.items()):
-        blocks = row_blocks(group.get("split_sizes"), m)
-        mine = [i for i in range(len(params)) if owners[b][i] == rank]
-        slot = {i: k for k, i in enumerate(mine)}
-        stacked = torch.empty((len(mine), m, n), dtype=dtype, device=device)
-        for i, p in enumerate(params):  # every rank keeps every momentum buffer
-            ns_input = _momentum(opt, group, p, m)
-            if i in slot and ns_input is not None:
-                stacked[slot[i]].copy_(ns_input.reshape(m, n))
-            del ns_input
-        if mine:
-            orthogonal = opt._orthogonalize(stacked, blocks, schedule, group)
-            del stacked
-            for k, i in enumerate(mine):
-                opt._apply_matrix(group, params[i], orthogonal[k], blocks)
-            del orthogonal
-        if world > 1:
-            for i, p in enumerate(params):
-                src = dist.get_global_rank(process_group, owners[b][i])
-                for t in (p, *(opt.state[p][key] for key in opt._row_state_keys)):
+class ReplicatedLayout:
+    """Plain tensors replicated over a process group (DDP): owners orthogonalize, everyone receives."""
+
+    def __init__(self) -> None:
+        self._owners = _Owners()
+
+    def run(self, compute: Any, state: Any, buckets: Sequence[Any], process_group: Any) -> None:
+        world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+        layout = tuple((b.rows, b.cols, str(b.dtype), len(b.units), b.flops) for b in buckets)
+        owners = self._owners(layout, [(len(b.units), b.flops) for b in buckets], process_group, world)
+        keys = compute.rule.row_state_keys
+        pending = []
+        for b, bucket in enumerate(buckets):
+            order = sorted(range(len(bucket.units)), key=lambda k: owners[b][k])  # stable: owned ones adjacent
+            units = [bucket.units[k] for k in order]
+            owner_of = [owners[b][k] for k in order]
+            mine = [k for k, q in enumerate(owner_of) if q == rank]
+            v = compute.views(state, units)
+            stack = torch.empty((len(units), bucket.rows, bucket.cols), dtype=compute.group["ns_dtype"],
+                                device=bucket.device)
+            compute.ns_input(v.bufs, v.grads, stack, normalize=True)  # every rank: every momentum buffer
+            if mine:
+                lo, hi = mine[0], mine[-1] + 1
+                orthogonal = compute.orthogonalize(stack[lo:hi], normalized=True)
+                del stack
+                compute.apply(v.params[lo:hi], orthogonal, {key: v.row_states[key][lo:hi] for key in keys},
+                              bucket.scale)
+                del orthogonal
+            else:
+                del stack
+            for k, q in enumerate(owner_of):
+                src = dist.get_global_rank(process_group, q)
+                for t in (v.params[k], *(v.row_states[key][k] for key in keys)):
                     pending.append(_broadcast(t, src, process_group))
-    for finish in pending:
-        finish()
-
-
-def _row_bounds(m: int, world: int) -> list[tuple[int, int]]:
-    """Rows [start, stop) of each rank under Shard(0): torch.chunk's split (ceil(m/W) rows each)."""
-    chunk = -(-m // world) if m else 0
-    return [(min(r * chunk, m), min((r + 1) * chunk, m)) for r in range(world)]
+        for finish in pending:
+            finish()
 
 
 class _Exchange(NamedTuple):
@@ -344,105 +281,7 @@ def _all_to_all(send: Tensor, recv_sizes: list[int], send_sizes: list[int], proc
     return _Exchange(recv, work, send)
 
 
-def _sharded_step(opt: Any, group: dict, buckets: dict, schedule: Schedule, mesh: Any) -> None:
-    """Gather each matrix's rows at its owner, orthogonalize, return each rank the step direction of its rows."""
-    process_group, world, rank = mesh.get_group(), mesh.size(), mesh.get_local_rank()
-    owners = _owners(opt, group, buckets, schedule, process_group, world)
-    keys = opt._row_state_keys
-
-    # 1. Momentum of the local rows; the rows of each owner's matrices go out in one all-to-all.
-    gathers = []
-    for b, ((m, n, dtype, device), params) in enumerate(buckets.items()):
-        bounds = _row_bounds(m, world)
-        rows = [stop - start for start, stop in bounds]
-        mine = rows[rank]
-        order = sorted(range(len(params)), key=lambda i: owners[b][i])  # grouped by destination rank
-        counts = [owners[b].count(q) for q in range(world)]
-        send = torch.empty((len(params), mine, n), dtype=dtype, device=device)
-        send_state = {key: torch.empty((len(params), mine), dtype=_state_dtype(dtype), device=device) for key in keys}
-        for k, i in enumerate(order):
-            p = params[i]
-            if local_tensor(p).shape[:1] != (mine,):
-                raise RuntimeError(
-                    f"a {tuple(p.shape)} DTensor holds {local_tensor(p).shape[0]} rows on rank {rank}; "
-                    f"Shard(0) of {m} rows over {world} ranks gives {mine} (torch.chunk)"
-                )
-            ns_input = _momentum(opt, group, p, m, mesh)
-            if ns_input is not None:
-                send[k].copy_(ns_input.reshape(mine, n))
-                for key in keys:
-                    send_state[key][k].copy_(local_tensor(opt.state[p][key]))
-            del ns_input
-        owned = counts[rank]
-        rows_in = _all_to_all(send, [owned * r * n for r in rows], [c * mine * n for c in counts], process_group)
-        state_in = {
-            key: _all_to_all(send_state[key], [owned * r for r in rows], [c * mine for c in counts], process_group)
-            for key in keys
-        }
-        del send, send_state
-        gathers.append((bounds, order, counts, rows_in, state_in))
-
-    # 2. At each owner: whole matrices, Newton–Schulz, the direction; its rows go back in one all-to-all.
-    returns = []
-    for b, (m, n, dtype, device) in enumerate(buckets):
-        bounds, order, counts, rows_in, state_in = gathers[b]
-        gathers[b] = (bounds, order)  # the received buffers can go once assembled
-        blocks = row_blocks(group.get("split_sizes"), m)
-        rows = [stop - start for start, stop in bounds]
-        owned = counts[rank]
-        direction_dtype = opt._direction_dtype(group, dtype)
-        full = _assemble(rows_in.wait(), bounds, (owned, m, n), dtype)
-        state_full = {key: _assemble(x.wait(), bounds, (owned, m), x.recv.dtype) for key, x in state_in.items()}
-        del rows_in, state_in
-        direction = torch.empty((owned, m, n), dtype=direction_dtype, device=device)
-        if owned:
-            orthogonal = opt._orthogonalize(full, blocks, schedule, group)
-            for j in range(owned):
-                for r0, r1 in blocks:
-                    row_state = {key: state_full[key][j, r0:r1] for key in keys}
-                    direction[j, r0:r1] = opt._block_direction(group, row_state, orthogonal[j, r0:r1])
-            del orthogonal
-        del full
-        send_sizes = [owned * r * n for r in rows]
-        mine = rows[rank]
-        recv_sizes = [c * mine * n for c in counts]
-        rows_out = _all_to_all(
-            torch.cat([direction[:, start:stop].reshape(-1) for start, stop in bounds]),
-            recv_sizes,
-            send_sizes,
-            process_group,
-        )
-        del direction
-        state_out = {
-            key: _all_to_all(
-                torch.cat([state_full[key][:, start:stop].reshape(-1) for start, stop in bounds]),
-                [c * mine for c in counts],
-                [owned * r for r in rows],
-                process_group,
-            )
-            for key in keys
-        }
-        returns.append((rows_out, state_out))
-
-    # 3. Every rank steps its own rows.
-    for b, ((m, n, *_), params) in enumerate(buckets.items()):
-        bounds, order = gathers[b]
-        rows_out, state_out = returns[b]
-        start, stop = bounds[rank]
-        mine = stop - start
-        directions = rows_out.wait().view(len(params), mine, n)
-        new_state = {key: x.wait().view(len(params), mine) for key, x in state_out.items()}
-        if not mine:
-            continue
-        blocks = row_blocks(group.get("split_sizes"), m)
-        for k, i in enumerate(order):
-            p = params[i]
-            _apply_rows(group, local_tensor(p), directions[k], blocks, start, stop, n)
-            for key, rows_of_key in new_state.items():
-                local_tensor(opt.state[p][key]).copy_(rows_of_key[k])
-
-
-def _state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+def _row_state_dtype(param_dtype: torch.dtype) -> torch.dtype:
     # Per-row statistics (NorMuon's second_moment): float64 for float64 parameters, else float32. Every
     # rank must size its receive buffers alike, also one whose state is not there yet.
     return torch.float64 if param_dtype == torch.float64 else torch.float32
@@ -459,26 +298,144 @@ def _assemble(recv: Tensor, bounds: list[tuple[int, int]], shape: tuple, dtype: 
     return full
 
 
-def _apply_rows(
-    group: dict, local: Tensor, direction: Tensor, blocks: list[tuple[int, int]], start: int, stop: int, n: int
-) -> None:
+class ShardedLayout:
+    """Row-sharded DTensor matrices (FSDP2 Shard(0) on a 1-D mesh): whole matrices meet at their owner."""
+
+    def __init__(self) -> None:
+        self._owners = _Owners()
+
+    def run(self, compute: Any, state: Any, buckets: Sequence[tuple[tuple, list[int]]], mesh: Any) -> None:
+        group, rule = compute.group, compute.rule
+        process_group, world, rank = mesh.get_group(), mesh.size(), mesh.get_local_rank()
+        keys = rule.row_state_keys
+        ns_dtype = group["ns_dtype"]
+        steps = len(compute.schedule.triples)
+        split_sizes = group.get("split_sizes")
+        costs = []
+        for (m, n, *_), indices in buckets:
+            flops = sum(newton_schulz_flops(r1 - r0, n, steps) for r0, r1 in row_blocks(split_sizes, m))
+            costs.append((len(indices), flops))
+        layout = tuple(
+            (m, n, str(dtype), count, flops) for ((m, n, dtype, _), _), (count, flops) in zip(buckets, costs)
+        )
+        owners = self._owners(layout, costs, process_group, world)
+
+        # 1. Momentum of the local rows, cast to ns_dtype; each owner's rows go out in one all-to-all.
+        gathers = []
+        for b, ((m, n, dtype, device), indices) in enumerate(buckets):
+            bounds = row_bounds(m, world)
+            rows = [stop - start for start, stop in bounds]
+            mine = rows[rank]
+            order = sorted(range(len(indices)), key=lambda k: owners[b][k])  # grouped by destination
+            params = [group["params"][indices[k]] for k in order]
+            counts = [owners[b].count(q) for q in range(world)]
+            for p in params:
+                if local_tensor(p).shape[:1] != (mine,):
+                    raise RuntimeError(
+                        f"a {tuple(p.shape)} DTensor holds {local_tensor(p).shape[0]} rows on rank {rank}; "
+                        f"Shard(0) of {m} rows over {world} ranks gives {mine} (torch.chunk)"
+                    )
+            send = torch.empty((len(params), mine, n), dtype=ns_dtype, device=device)
+            compute.ns_input(
+                [local_tensor(state[p]["momentum_buffer"]) for p in params],
+                [local_tensor(p.grad) for p in params],
+                send,
+                normalize=False,
+            )
+            state_dtype = _row_state_dtype(dtype)
+            send_state = {
+                key: torch.stack([local_tensor(state[p][key]).to(state_dtype) for p in params])
+                if params else torch.empty((0, mine), dtype=state_dtype, device=device)
+                for key in keys
+            }
+            owned = counts[rank]
+            rows_in = _all_to_all(send, [owned * r * n for r in rows], [c * mine * n for c in counts], process_group)
+            state_in = {
+                key: _all_to_all(send_state[key], [owned * r for r in rows], [c * mine for c in counts], process_group)
+                for key in keys
+            }
+            del send, send_state
+            gathers.append((bounds, params, counts, rows_in, state_in))
+
+        # 2. At each owner: whole matrices, Newton–Schulz, the direction; its rows go back in one all-to-all.
+        returns = []
+        for b, ((m, n, dtype, device), _) in enumerate(buckets):
+            bounds, params, counts, rows_in, state_in = gathers[b]
+            rows = [stop - start for start, stop in bounds]
+            owned, mine = counts[rank], rows[rank]
+            full = _assemble(rows_in.wait(), bounds, (owned, m, n), ns_dtype)
+            state_full = {key: _assemble(x.wait(), bounds, (owned, m), x.recv.dtype) for key, x in state_in.items()}
+            del rows_in, state_in
+            direction = torch.empty((owned, m, n), dtype=rule.direction_dtype(group, dtype), device=device)
+            if owned:
+                _owner_direction(compute, full, state_full, direction, row_blocks(split_sizes, m))
+            del full
+            rows_out = _all_to_all(
+                torch.cat([direction[:, start:stop].reshape(-1) for start, stop in bounds]),
+                [c * mine * n for c in counts],
+                [owned * r * n for r in rows],
+                process_group,
+            )
+            del direction
+            state_out = {
+                key: _all_to_all(
+                    torch.cat([state_full[key][:, start:stop].reshape(-1) for start, stop in bounds]),
+                    [c * mine for c in counts],
+                    [owned * r for r in rows],
+                    process_group,
+                )
+                for key in keys
+            }
+            returns.append((rows_out, state_out))
+
+        # 3. Every rank steps its own rows: one muon_apply_stack_ per bucket (per row block with split_sizes).
+        for b, ((m, n, *_), _) in enumerate(buckets):
+            bounds, params = gathers[b][:2]
+            rows_out, state_out = returns[b]
+            start, stop = bounds[rank]
+            mine = stop - start
+            directions = rows_out.wait().view(len(params), mine, n)
+            new_state = {key: x.wait().view(len(params), mine) for key, x in state_out.items()}
+            if not mine:
+                continue
+            _apply_local_rows(compute, [local_tensor(p) for p in params], directions, row_blocks(split_sizes, m),
+                              start, stop, n)
+            for k, p in enumerate(params):
+                for key, rows_of_key in new_state.items():
+                    local_tensor(state[p][key]).copy_(rows_of_key[k])
+
+
+def _owner_direction(compute: Any, full: Tensor, state_full: dict[str, Tensor], direction: Tensor,
+                     blocks: list[tuple[int, int]]) -> None:
+    """Direction of whole (owned, m, n) matrices in ns_dtype, not yet normalized, block by block: the
+    blocks of one size in one Newton–Schulz call, as one process buckets them."""
+    owned, m, n = full.shape
+    sizes = {r1 - r0 for r0, r1 in blocks}
+    if len(sizes) == 1:  # whole matrices, or equal blocks: one call over (owned·k, m/k, n)
+        size, k = sizes.pop(), len(blocks)
+        orthogonal = compute.orthogonalize(full.view(owned * k, size, n), normalized=False)
+        row_states = {key: list(t.view(owned * k, size)) for key, t in state_full.items()}
+        direction.view(owned * k, size, n).copy_(compute.direction(orthogonal, row_states))
+        return
+    for r0, r1 in blocks:
+        orthogonal = compute.orthogonalize(full[:, r0:r1].contiguous(), normalized=False)
+        row_states = {key: [t[j, r0:r1] for j in range(owned)] for key, t in state_full.items()}
+        direction[:, r0:r1] = compute.direction(orthogonal, row_states)
+
+
+def _apply_local_rows(compute: Any, locals_: list[Tensor], directions: Tensor, blocks: list[tuple[int, int]],
+                      start: int, stop: int, n: int) -> None:
     """p <- p·(1 - lr·wd) - lr·scale·D on this rank's rows [start, stop), each row block with its scale."""
-    if local.dim() == 2 or local.is_contiguous():
-        matrix, write_back = local.view(stop - start, n), False
-    else:
-        matrix, write_back = local.reshape(stop - start, n).contiguous(), True
+    mode = compute.group["scale_mode"]
+    if len(blocks) == 1:
+        compute.apply_direction(locals_, directions, shape_scale(mode, blocks[0][1], n))
+        return
+    parts: dict[tuple[int, float], list[tuple[int, int, int]]] = {}
     for r0, r1 in blocks:
         lo, hi = max(r0, start), min(r1, stop)
-        if lo >= hi:
-            continue
-        muon_apply_(
-            matrix[lo - start : hi - start],
-            direction[lo - start : hi - start],
-            group["lr"],
-            group["weight_decay"],
-            shape_scale(group["scale_mode"], r1 - r0, n),
-            group["cautious_weight_decay"],
-            group["backend"],
-        )
-    if write_back:
-        local.copy_(matrix.view(local.shape))
+        if lo < hi:
+            parts.setdefault((hi - lo, shape_scale(mode, r1 - r0, n)), []).append((lo - start, hi - start))
+    for (_, scale), ranges in parts.items():
+        views = [t[lo:hi] for t in locals_ for lo, hi in ranges]
+        stack = torch.stack([directions[k, lo:hi] for k in range(len(locals_)) for lo, hi in ranges])
+        compute.apply_direction(views, stack, scale)

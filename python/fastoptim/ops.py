@@ -114,6 +114,67 @@ def _(param, update, second_moment, lr, weight_decay, beta2, eps, scale, cautiou
     return None
 
 
+def _value(number: float, tensor: Tensor | None) -> float | Tensor:
+    """A hyper-parameter as the backends take it: the 0-dim tensor when one was given, else the float."""
+    return number if tensor is None else tensor
+
+
+@torch.library.custom_op("fastoptim::muon_apply_stack_", mutates_args=("params",))
+def _muon_apply_stack_op(
+    params: List[Tensor],
+    updates: Tensor,
+    lr: float,
+    weight_decay: float,
+    lr_tensor: Tensor | None,
+    weight_decay_tensor: Tensor | None,
+    scale: float,
+    cautious: bool,
+    backend: str,
+) -> None:
+    args = (params, updates, _value(lr, lr_tensor), _value(weight_decay, weight_decay_tensor), scale, cautious)
+    backends.implementation("muon_apply_stack_", backend, updates.device, args)(*args)
+
+
+@_muon_apply_stack_op.register_fake
+def _(params, updates, lr, weight_decay, lr_tensor, weight_decay_tensor, scale, cautious, backend):
+    return None
+
+
+@torch.library.custom_op("fastoptim::normuon_step_stack_", mutates_args=("params", "second_moments"))
+def _normuon_step_stack_op(
+    params: List[Tensor],
+    updates: Tensor,
+    second_moments: List[Tensor],
+    lr: float,
+    weight_decay: float,
+    lr_tensor: Tensor | None,
+    weight_decay_tensor: Tensor | None,
+    beta2: float,
+    eps: float,
+    scale: float,
+    cautious: bool,
+    backend: str,
+) -> None:
+    args = (
+        params,
+        updates,
+        second_moments,
+        _value(lr, lr_tensor),
+        _value(weight_decay, weight_decay_tensor),
+        beta2,
+        eps,
+        scale,
+        cautious,
+    )
+    backends.implementation("normuon_step_stack_", backend, updates.device, args)(*args)
+
+
+@_normuon_step_stack_op.register_fake
+def _(params, updates, second_moments, lr, weight_decay, lr_tensor, weight_decay_tensor, beta2, eps, scale,
+      cautious, backend):
+    return None
+
+
 @torch.library.custom_op("fastoptim::sophia_step_", mutates_args=("params", "exp_avgs", "unclipped_out"))
 def _sophia_step_op(
     params: List[Tensor],
@@ -310,6 +371,182 @@ def normuon_step_(
         _normuon_step_op(*args, name)
 
 
+def _hyper_parameter(name: str, value: object, device: torch.device) -> tuple[float, Tensor | None]:
+    """lr or weight_decay: a real number >= 0, returned as (float, None), or a 0-dim real floating
+    tensor on `device`, returned as (0.0, tensor). A tensor's value is not checked: reading it would
+    synchronize with the device (and break CUDA-graph capture)."""
+    if not isinstance(value, Tensor):
+        return check.non_negative(name, value), None
+    if value.dtype not in check.FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a real number or a 0-dim tensor of a floating dtype (float32, bfloat16, float16 or "
+            f"float64), got dtype {value.dtype}"
+        )
+    if value.dim() != 0:
+        raise ValueError(f"{name} must be a real number or a 0-dim tensor, got a tensor of shape {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} must be on the device of the parameters ({device}), got {value.device}")
+    return 0.0, value
+
+
+def _check_stack(params: list[Tensor], updates: object) -> tuple[int, int]:
+    """updates is a contiguous (len(params), m, n) stack and each params[i] has m·n elements on its
+    device; returns (m, n)."""
+    check.tensor("updates", updates, min_ndim=3)
+    if updates.dim() != 3 or updates.shape[0] != len(params):
+        raise ValueError(
+            f"updates must be a ({len(params)}, m, n) stack, one matrix per param, got shape {tuple(updates.shape)}"
+        )
+    if not updates.is_contiguous():
+        raise ValueError(f"updates must be contiguous, got strides {tuple(updates.stride())}")
+    m, n = updates.shape[1], updates.shape[2]
+    for i, param in enumerate(params):
+        if param.numel() != m * n:
+            raise ValueError(
+                f"params[{i}] must have updates' m·n = {m}·{n} = {m * n} elements, got shape {tuple(param.shape)}"
+            )
+        check.same_device(f"params[{i}]", param, "updates", updates)
+    return m, n
+
+
+def _check_no_overlap(written: list[tuple[str, Tensor]], read: list[tuple[str, Tensor]]) -> None:
+    """Refuse memory written twice in one call (the same tensor twice in params, expert views that
+    overlap, an expanded tensor) or written while it is read (a param inside updates): kernels would
+    race. As ATen's overlap checks: exact for dense tensors, compared by address range (live
+    allocations never share addresses, so no storage lookup is needed); a strided view that is not
+    dense (a column slice) is only compared with identical views, overlap beyond that being too costly
+    to decide. About a microsecond per tensor."""
+    if torch.compiler.is_compiling():
+        return  # fake tensors have no addresses
+    spans = []  # (first byte, argument order, one past the last byte, is written, name) of the dense tensors
+    views: dict[tuple, tuple[str, bool]] = {}  # the others, by (address, shape, strides)
+    for is_written, tensors in ((True, written), (False, read)):
+        for name, tensor in tensors:
+            order = len(spans)
+            if tensor.is_meta or tensor.numel() == 0:
+                continue
+            start = tensor.data_ptr()
+            if tensor.is_contiguous():
+                spans.append((start, order, start + tensor.numel() * tensor.element_size(), is_written, name))
+                continue
+            overlap = torch._debug_has_internal_overlap(tensor)  # 0: dense, 1: overlapping, 2: too hard
+            if is_written and overlap == 1:
+                raise ValueError(f"{name} has elements that share memory (an expanded tensor?): it cannot be "
+                                 "written in place")
+            if overlap == 0:
+                extent = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride())) + 1
+                spans.append((start, order, start + extent * tensor.element_size(), is_written, name))
+                continue
+            key = (start, tuple(tensor.shape), tuple(tensor.stride()))
+            earlier = views.setdefault(key, (name, is_written))
+            if earlier[0] != name and (is_written or earlier[1]):
+                _overlap_error(earlier[0], name)
+    spans.sort()
+    furthest = None  # the span so far that reaches furthest
+    for start, _, end, is_written, name in spans:
+        if furthest is not None and start < furthest[0] and (is_written or furthest[1]):
+            _overlap_error(furthest[2], name)
+        if furthest is None or end > furthest[0]:
+            furthest = (end, is_written, name)
+
+
+def _overlap_error(first: str, second: str) -> None:
+    raise ValueError(
+        f"{first} and {second} overlap in memory: every tensor written by this op must be written once and not be "
+        "read as another argument"
+    )
+
+
+def muon_apply_stack_(
+    params: Sequence[Tensor],
+    updates: Tensor,
+    lr: float | Tensor,
+    weight_decay: float | Tensor = 0.0,
+    scale: float = 1.0,
+    cautious: bool = False,
+    backend: str = "auto",
+) -> None:
+    """`muon_apply_` for every matrix of a shape bucket in one multi-tensor launch (per parameter dtype;
+    the cuda backend takes up to 128 matrices a launch): for each i, params[i] (any shape with m·n
+    elements, read and written in row-major order as an (m, n) matrix) <- params[i]·(1 - lr·wd)
+    (cautious: only where updates[i]·params[i] >= 0) - lr·scale·updates[i], exactly as
+    `muon_apply_(params[i].view(m, n), updates[i], ...)` on the same backend. updates is a contiguous
+    (P, m, n) stack of any floating dtype. The Triton and cuda kernels take contiguous params; others
+    fall back to the torch backend. lr and weight_decay: real numbers, or
+    0-dim floating tensors on the params' device, read there by the kernels (no host synchronization, so
+    a compiled step does not recompile when a scheduler changes lr, and the step can be captured in a
+    CUDA graph); with a tensor, 1 - lr·wd and lr·scale are computed in fp32 on the device and may differ
+    in the last bit from the float path, which rounds them once from double. Mutates params."""
+    params = check.tensor_list("params", params)
+    _check_stack(params, updates)
+    lr, lr_tensor = _hyper_parameter("lr", lr, updates.device)
+    weight_decay, weight_decay_tensor = _hyper_parameter("weight_decay", weight_decay, updates.device)
+    scale = check.real("scale", scale)
+    cautious = check.boolean("cautious", cautious)
+    backend = _backend_arg(backend)
+    _check_no_overlap([(f"params[{i}]", p) for i, p in enumerate(params)], [("updates", updates)])
+    if not params:
+        return
+    args = (params, updates, _value(lr, lr_tensor), _value(weight_decay, weight_decay_tensor), scale, cautious)
+    name = backends.eager_select("muon_apply_stack_", backend, updates.device, args)
+    with torch.no_grad():
+        _muon_apply_stack_op(params, updates, lr, weight_decay, lr_tensor, weight_decay_tensor, scale, cautious, name)
+
+
+def normuon_step_stack_(
+    params: Sequence[Tensor],
+    updates: Tensor,
+    second_moments: Sequence[Tensor],
+    lr: float | Tensor,
+    weight_decay: float | Tensor = 0.0,
+    beta2: float = 0.95,
+    eps: float = 1e-10,
+    scale: float = 1.0,
+    cautious: bool = False,
+    backend: str = "auto",
+) -> None:
+    """`normuon_step_` for every matrix of a shape bucket, in three launches (row statistics, per-matrix
+    norms, apply; per parameter dtype and, for the cuda backend, per 128 matrices) whatever the bucket's
+    size: for each i, normuon_step_(params[i] read as (m, n), updates[i], second_moments[i] read as
+    (m,), ...) — each matrix keeps its own row statistics and Frobenius norms. params, updates, lr and
+    weight_decay as in `muon_apply_stack_`; second_moments[i] has m elements (a (m,) state tensor or a
+    slice of a larger one). Mutates params and second_moments."""
+    params = check.tensor_list("params", params)
+    second_moments = check.tensor_list("second_moments", second_moments)
+    m, _ = _check_stack(params, updates)
+    if len(second_moments) != len(params):
+        raise ValueError(
+            f"second_moments must have as many tensors as params ({len(params)}), got {len(second_moments)}"
+        )
+    for i, second_moment in enumerate(second_moments):
+        if second_moment.numel() != m:
+            raise ValueError(
+                f"second_moments[{i}] must have m = {m} elements (one per row of the matrix), got shape "
+                f"{tuple(second_moment.shape)}"
+            )
+        check.same_device(f"second_moments[{i}]", second_moment, "updates", updates)
+    lr, lr_tensor = _hyper_parameter("lr", lr, updates.device)
+    weight_decay, weight_decay_tensor = _hyper_parameter("weight_decay", weight_decay, updates.device)
+    beta2 = check.beta("beta2", beta2)
+    eps = check.positive("eps", eps)
+    scale = check.real("scale", scale)
+    cautious = check.boolean("cautious", cautious)
+    backend = _backend_arg(backend)
+    written = [(f"params[{i}]", p) for i, p in enumerate(params)]
+    written += [(f"second_moments[{i}]", v) for i, v in enumerate(second_moments)]
+    _check_no_overlap(written, [("updates", updates)])
+    if not params:
+        return
+    hyper = (_value(lr, lr_tensor), _value(weight_decay, weight_decay_tensor), beta2, eps, scale, cautious)
+    args = (params, updates, second_moments, *hyper)
+    name = backends.eager_select("normuon_step_stack_", backend, updates.device, args)
+    with torch.no_grad():
+        _normuon_step_stack_op(
+            params, updates, second_moments, lr, weight_decay, lr_tensor, weight_decay_tensor, beta2, eps, scale,
+            cautious, name,
+        )
+
+
 def sophia_step_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -373,7 +610,9 @@ __all__ = [
     "muon_momentum_",
     "muon_momentum_stack_",
     "muon_apply_",
+    "muon_apply_stack_",
     "normuon_step_",
+    "normuon_step_stack_",
     "sophia_step_",
     "hessian_ema_",
 ]

@@ -119,8 +119,8 @@ def muon_momentum_stack_(
 def muon_apply_(
     param: torch.Tensor,
     update: torch.Tensor,
-    lr: float,
-    weight_decay: float,
+    lr: float | torch.Tensor,
+    weight_decay: float | torch.Tensor,
     scale: float,
     cautious: bool = False,
 ) -> None:
@@ -128,6 +128,9 @@ def muon_apply_(
 
         p <- p·(1 - lr·wd)        cautious: only where update·p >= 0 (Chen et al., "Cautious Weight Decay")
         p <- p - lr·scale·update
+
+    lr and weight_decay may be 0-dim tensors on param's device (a scheduler's lr, read on the device):
+    the same formula in tensor arithmetic, 1 - lr·wd and lr·scale then rounded in the tensors' dtype.
     """
     acc = _accumulate_dtype(param, update)
     p = param.to(acc)
@@ -142,8 +145,8 @@ def normuon_step_(
     param: torch.Tensor,
     update: torch.Tensor,
     second_moment: torch.Tensor,
-    lr: float,
-    weight_decay: float,
+    lr: float | torch.Tensor,
+    weight_decay: float | torch.Tensor,
     beta2: float,
     eps: float,
     scale: float,
@@ -159,7 +162,7 @@ def normuon_step_(
 
     scale = max(1, m/n)^½ reproduces the official code; 0.2·√max(m, n) gives the paper's
     AdamW-matched update RMS of 0.2. A matrix with no columns has row mean 0: the EMA moves v
-    toward 0.
+    toward 0. lr and weight_decay may be 0-dim tensors, as in `muon_apply_`.
     """
     acc = _accumulate_dtype(param, update, second_moment)
     O = update.to(acc)
@@ -176,6 +179,67 @@ def normuon_step_(
     if cautious:
         decayed = torch.where(O_hat * p >= 0, decayed, p)
     param.copy_(decayed - (lr * scale) * O_hat)
+
+
+def _as_shape(tensor: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, bool]:
+    """tensor read in row-major order as `shape`: a view when its strides allow one, else a copy
+    (returned with True: the caller writes the result back)."""
+    try:
+        return tensor.view(shape), False
+    except RuntimeError:
+        return tensor.reshape(shape), True
+
+
+def muon_apply_stack_(
+    params: Sequence[torch.Tensor],
+    updates: torch.Tensor,
+    lr: float | torch.Tensor,
+    weight_decay: float | torch.Tensor,
+    scale: float,
+    cautious: bool = False,
+) -> None:
+    """`muon_apply_` for every matrix of a shape bucket, in place on params:
+
+        for each i:  muon_apply_(params[i] read as (m, n), updates[i], lr, weight_decay, scale, cautious)
+
+    params[i] may have any shape with m·n elements (a 2-D weight, a conv kernel read as its (out, -1)
+    matrix, one expert bank[e] of a 3-D bank, a row block), and any strides: it is read and written
+    in row-major order. updates is the (P, m, n) stack (e.g. the bf16 output of one batched
+    Newton–Schulz). The step is elementwise, so updates[i] is simply read in params[i]'s shape.
+    """
+    for param, update in zip(params, updates):
+        muon_apply_(param, update.view(param.shape), lr, weight_decay, scale, cautious)
+
+
+def normuon_step_stack_(
+    params: Sequence[torch.Tensor],
+    updates: torch.Tensor,
+    second_moments: Sequence[torch.Tensor],
+    lr: float | torch.Tensor,
+    weight_decay: float | torch.Tensor,
+    beta2: float,
+    eps: float,
+    scale: float,
+    cautious: bool = False,
+) -> None:
+    """`normuon_step_` for every matrix of a shape bucket, in place on params and second_moments:
+
+        for each i:  normuon_step_(params[i] read as (m, n), updates[i], second_moments[i] read as (m,),
+                                   lr, weight_decay, beta2, eps, scale, cautious)
+
+    Each matrix keeps its own row statistics and Frobenius norms. params[i] as in
+    `muon_apply_stack_`; second_moments[i] has m elements (a (m,) state tensor, or a slice of a larger
+    one: one expert's rows of a bank's (E, m) state).
+    """
+    m, n = updates.shape[-2], updates.shape[-1]
+    for param, update, second_moment in zip(params, updates, second_moments):
+        matrix, matrix_copied = _as_shape(param, (m, n))
+        moment, moment_copied = _as_shape(second_moment, (m,))
+        normuon_step_(matrix, update, moment, lr, weight_decay, beta2, eps, scale, cautious)
+        if matrix_copied:
+            param.copy_(matrix.view(param.shape))
+        if moment_copied:
+            second_moment.copy_(moment.view(second_moment.shape))
 
 
 def sophia_step_(

@@ -9,13 +9,14 @@
 
 from __future__ import annotations
 
-from ._base import SCALE_MODES, shape_scale
+from .._geometry import MATRIX_VIEWS, SCALE_MODES, shape_scale
 from .groups import param_groups, sophia_sampled_loss
 from .muon import Muon
 from .normuon import NorMuon
 from .sophia import SophiaG, SophiaH
 
 __all__ = [
+    "MATRIX_VIEWS",
     "SCALE_MODES",
     "Muon",
     "NorMuon",

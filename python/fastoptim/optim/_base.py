@@ -12,19 +12,25 @@ Param groups
     learning rates by the same factor. ``fastoptim.param_groups(model)`` also routes embeddings and
     the output head to AdamW.
 
-Shape buckets
-    In a matrix group, parameters whose matrix form (a weight of ndim > 2, e.g. a conv kernel, is
-    flattened to (shape[0], -1)) has the same (m, n), dtype and device form a bucket. One bucket at
-    a time: each parameter's momentum output is written into one (P, m, n) stack, the stack is
-    orthogonalized by one batched ``newton_schulz`` call, and each parameter takes its slice. Peak
-    transient memory is one bucket (stack + Newton–Schulz output and workspace), never a copy of the
-    model. ``split_sizes`` on a group splits the rows of every matrix into blocks (per-head or
-    split-QKV orthogonalization) that are orthogonalized, scaled and (NorMuon) normalized separately.
+Matrices and shape buckets
+    A parameter of a matrix group is one or more matrices (`fastoptim._geometry`): a 2-D weight; with
+    ``matrix_view="stack"`` (default for 3-D) every (m, n) of an (..., m, n) stack, e.g. each expert of an
+    MoE bank; with ``matrix_view="flatten"`` (default for 4-D and up) the (shape[0], -1) matrix of a conv
+    kernel; ``split_sizes`` cuts the rows of each into blocks (per-head or split-QKV). Matrices of the
+    same (rows, cols), dtype and device form a bucket, stepped by three op calls whatever its size
+    (`fastoptim.optim._engine`: how a step flows). Peak transient memory is one bucket (stack +
+    Newton–Schulz output and workspace), never a copy of the model.
 
 Distributed
-    Under torch.distributed, replicated (DDP) and row-sharded DTensor (FSDP2) matrices split the
-    Newton–Schulz work between ranks: see `fastoptim.distributed` (the `_row_state_keys`,
-    `_direction_dtype` and `_block_direction` hooks below are what it needs from a subclass).
+    One engine for every layout: a single process is world size 1. Under torch.distributed, replicated
+    (DDP) and row-sharded DTensor (FSDP2) matrices split the Newton–Schulz work between ranks; expert
+    banks sharded on the expert dimension step locally (`fastoptim.distributed`).
+
+Capturable steps
+    ``lr`` and ``weight_decay`` of a matrix group may be 0-D tensors on the parameters' device (as torch's
+    own optimizers accept): the kernels read them on the device, so a scheduler that changes them (in
+    place: torch's schedulers ``fill_`` tensor learning rates) neither synchronizes nor recompiles a
+    ``torch.compile``d step. Their values are checked once, when the group is added.
 
 Non-finite gradients
     Nothing in ``step()`` looks at tensor values (no host synchronization), so a NaN/Inf gradient
@@ -36,7 +42,6 @@ Non-finite gradients
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Iterable, Sequence
 from itertools import chain
@@ -48,12 +53,10 @@ from torch.optim.adamw import adamw
 from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import _validation as check
-from .. import backends
+from .. import backends, distributed
+from .._geometry import MATRIX_VIEWS, SCALE_MODES, matrix_form
 from ..coefficients import resolve
-from ..ops import muon_momentum_stack_, newton_schulz
-
-SCALE_MODES = ("original", "match_rms_adamw", "spectral")
-NS_EPS = 1e-7  # Newton–Schulz's normalization: X = G / (safety·‖G‖_F + NS_EPS), as the reference Muon
+from . import _engine
 
 # Group keys that belong to AdamW, and the optimizer default each one falls back to.
 _ADAMW_KEYS = {
@@ -62,33 +65,6 @@ _ADAMW_KEYS = {
     "eps": "adamw_eps",
     "weight_decay": "adamw_weight_decay",
 }
-
-
-def shape_scale(mode: str, m: int, n: int) -> float:
-    """The learning-rate multiplier of an (m, n) update for a scale mode (see the module docstring)."""
-    if mode == "original":
-        return max(1.0, m / n) ** 0.5
-    if mode == "match_rms_adamw":
-        return 0.2 * math.sqrt(max(m, n))
-    if mode == "spectral":
-        return math.sqrt(m / n)
-    raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {mode!r}")
-
-
-def matrix_shape(p: Tensor) -> tuple[int, int]:
-    """(m, n) of the matrix a parameter of ndim >= 2 is orthogonalized as: (shape[0], numel / shape[0])."""
-    m = p.shape[0]
-    return m, (p.numel() // m if m else math.prod(p.shape[1:]))
-
-
-def row_blocks(split_sizes: Sequence[int] | None, m: int) -> list[tuple[int, int]]:
-    """Row ranges [r0, r1) of the blocks orthogonalized separately."""
-    if split_sizes is None:
-        return [(0, m)]
-    bounds = [0]
-    for size in split_sizes:
-        bounds.append(bounds[-1] + size)
-    return list(zip(bounds[:-1], bounds[1:]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,7 +174,8 @@ def adamw_group_step(state: dict, group: dict[str, Any]) -> None:
         exp_avg_sqs,
         [],
         steps,
-        foreach=not fused,
+        # torch's foreach AdamW refuses a tensor lr unless capturable (CUDA only); the single-tensor one takes it
+        foreach=not fused and not isinstance(group["lr"], Tensor),
         fused=fused,
         amsgrad=False,
         beta1=beta1,
@@ -215,37 +192,51 @@ def adamw_group_step(state: dict, group: dict[str, Any]) -> None:
 
 
 class MatrixOptimizer(torch.optim.Optimizer):
-    """Muon-family optimizer: matrix groups through momentum + batched Newton–Schulz + `_apply_block`,
-    AdamW groups through torch's AdamW. Subclasses set `_extra_keys` validation and `_apply_block`."""
+    """Muon-family optimizer: matrix groups through the bucket engine (`fastoptim.optim._engine`), AdamW
+    groups through torch's AdamW. A subclass is the engine's rule: ``row_state_keys``,
+    ``init_row_state``, ``apply_bucket``, ``direction_bucket`` and ``direction_dtype``."""
 
     # State tensors kept in float32 whatever the parameter dtype (torch's load_state_dict would cast
     # them to the parameter dtype; `load_state_dict` restores them exactly).
     _float32_state_keys: tuple[str, ...] = ()
-    # Per-row state (shape (m,)) that `_apply_block` reads and updates: the distributed step moves these
-    # rows together with the matrix rows they belong to (see `fastoptim.distributed`).
-    _row_state_keys: tuple[str, ...] = ()
+    # Per-row state of shape (*batch, m) that `apply_bucket` reads and updates (NorMuon's second_moment):
+    # the layouts move these rows together with the matrix rows they belong to.
+    row_state_keys: tuple[str, ...] = ()
 
     def __init__(self, params: Any, defaults: dict[str, Any], process_group: Any = "auto") -> None:
-        from .. import distributed  # fastoptim.distributed builds on this module
-
+        defaults.setdefault("matrix_view", "auto")
+        defaults.setdefault("state_dtype", None)
         self._validate_matrix_hyper(defaults, "")
         self._validate_adamw_hyper({key: defaults[src] for key, src in _ADAMW_KEYS.items()}, "adamw_")
         self._process_group = distributed.check_process_group(process_group)
+        self._replicated = distributed.ReplicatedLayout()
+        self._sharded = distributed.ShardedLayout()
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_process_group", "auto")
+        self.__dict__.setdefault("_replicated", distributed.ReplicatedLayout())
+        self.__dict__.setdefault("_sharded", distributed.ShardedLayout())
 
     # -- groups ------------------------------------------------------------------------------------
 
-    def _validate_matrix_hyper(self, group: dict[str, Any], where: str) -> None:
-        check.non_negative(f"{where}lr", group["lr"])
+    def _validate_matrix_hyper(self, group: dict[str, Any], where: str, at_step: bool = False) -> None:
+        check.non_negative_or_tensor(f"{where}lr", group["lr"], read_value=not at_step)
         check.beta(f"{where}momentum", group["momentum"])
         check.boolean(f"{where}nesterov", group["nesterov"])
-        check.non_negative(f"{where}weight_decay", group["weight_decay"])
+        check.non_negative_or_tensor(f"{where}weight_decay", group["weight_decay"], read_value=not at_step)
         resolve(group["coefficients"], group["ns_steps"])
         check.compute_dtype(f"{where}ns_dtype", group["ns_dtype"])
         if group["scale_mode"] not in SCALE_MODES:
             raise ValueError(f"{where}scale_mode must be one of {SCALE_MODES}, got {group['scale_mode']!r}")
         check.boolean(f"{where}cautious_weight_decay", group["cautious_weight_decay"])
         check_backend(group["backend"])
+        if group.get("matrix_view", "auto") not in MATRIX_VIEWS:
+            raise ValueError(f"{where}matrix_view must be one of {MATRIX_VIEWS}, got {group['matrix_view']!r}")
+        state_dtype = group.get("state_dtype")
+        if state_dtype is not None:
+            check.compute_dtype(f"{where}state_dtype", state_dtype)
         split_sizes = group.get("split_sizes")
         if split_sizes is not None:
             if (
@@ -259,16 +250,16 @@ class MatrixOptimizer(torch.optim.Optimizer):
             for size in split_sizes:
                 check_positive_int(f"{where}split_sizes", size)
 
-    def _validate_adamw_hyper(self, group: dict[str, Any], prefix: str) -> None:
-        check.non_negative(f"{prefix}lr", group["lr"])
+    def _validate_adamw_hyper(self, group: dict[str, Any], prefix: str, at_step: bool = False) -> None:
+        check.non_negative_or_tensor(f"{prefix}lr", group["lr"], read_value=not at_step)
         check_betas(f"{prefix}betas", group["betas"])
         check.positive(f"{prefix}eps", group["eps"])
         check.non_negative(f"{prefix}weight_decay", group["weight_decay"])
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
+    def _validate_group(self, group: dict[str, Any], at_step: bool = False) -> None:
         check_params("params", group["params"])
         if group["use_muon"]:
-            self._validate_matrix_hyper(group, "")
+            self._validate_matrix_hyper(group, "", at_step)
             for i, p in enumerate(group["params"]):
                 if p.dim() < 2:
                     raise ValueError(
@@ -276,13 +267,23 @@ class MatrixOptimizer(torch.optim.Optimizer):
                         "orthogonalize matrices (ndim >= 2); put vectors and scalars in a "
                         "use_muon=False (AdamW) group"
                     )
-                if group.get("split_sizes") is not None and sum(group["split_sizes"]) != p.shape[0]:
-                    raise ValueError(
-                        f"split_sizes {list(group['split_sizes'])} must sum to the number of rows of every "
-                        f"matrix of the group; params[{i}] has {p.shape[0]} rows"
-                    )
+                if group.get("split_sizes") is not None:
+                    _, m, _ = matrix_form(p.shape, group["matrix_view"])
+                    if sum(group["split_sizes"]) != m:
+                        raise ValueError(
+                            f"split_sizes {list(group['split_sizes'])} must sum to the number of rows of every "
+                            f"matrix of the group; params[{i}] (shape {tuple(p.shape)}, matrix_view="
+                            f"{group['matrix_view']!r}) has matrices of {m} rows"
+                        )
+                for key in ("lr", "weight_decay"):
+                    value = group[key]
+                    if isinstance(value, Tensor) and value.device != p.device and not distributed.is_dtensor(p):
+                        raise ValueError(
+                            f"{key} is a tensor on {value.device} but params[{i}] is on {p.device}; a tensor "
+                            f"{key} must be on the parameters' device (the kernels read it there)"
+                        )
         else:
-            self._validate_adamw_hyper(group, "")
+            self._validate_adamw_hyper(group, "", at_step)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (see the module docstring: an unlabelled group is split into matrices and the rest)."""
@@ -321,8 +322,6 @@ class MatrixOptimizer(torch.optim.Optimizer):
             full = {**self.defaults, **group, "params": [params[i] for i in idx]}
             self._validate_group(full)
             if flag:
-                from .. import distributed
-
                 distributed.check_placements(full["params"], None if names is None else [names[i] for i in idx])
             groups.append(group)
         for group in groups:
@@ -332,123 +331,56 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """One optimization step. closure (optional) re-evaluates the model and returns the loss."""
+        """One optimization step. closure (optional) re-evaluates the model and returns the loss.
+
+        Atomic: everything the step can refuse is checked (and every group planned) before the first
+        tensor is written; a refused step changes nothing."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            self._validate_group(group)  # an lr scheduler or a user may have changed a value
+            self._validate_group(group, at_step=True)  # an lr scheduler or a user may have changed a value
         check_grads(self.param_groups)
-        for group in self.param_groups:
+        plans = {}
+        for g, group in enumerate(self.param_groups):
             if group["use_muon"]:
-                self._matrix_group_step(group)
+                plans[g] = _engine.plan_group(group, self._process_group)
+                _engine.precheck_backends(group, plans[g])
+        for g, group in enumerate(self.param_groups):
+            if group["use_muon"]:
+                self._matrix_group_step(group, plans[g])
             else:
                 adamw_group_step(self.state, group)
         return loss
 
-    def _init_state(self, p: Tensor, state: dict[str, Any], m: int) -> None:
-        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    def _matrix_group_step(self, group: dict[str, Any], plan: _engine.GroupPlan) -> None:
+        indices = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+        _engine.init_state(self, group, self.state, indices)
+        compute = _engine.Compute(self, group, plan.schedule)
+        for mesh, buckets in plan.sharded.items():
+            self._sharded.run(compute, self.state, buckets, mesh)
+        for bucket in plan.local:
+            _engine.run_local(compute, self.state, bucket)
+        if plan.replicated:
+            self._replicated.run(compute, self.state, plan.replicated, plan.process_group)
 
-    def _matrix_group_step(self, group: dict[str, Any]) -> None:
-        from .. import distributed
+    # -- the engine's rule (Muon's; NorMuon overrides) ------------------------------------------------
 
-        process_group = getattr(self, "_process_group", "auto")
-        if distributed.is_distributed(process_group, group["params"]):
-            distributed.matrix_group_step(self, group, process_group)
-            return
-        buckets: dict[tuple, list[Tensor]] = {}
-        for p in group["params"]:
-            if p.grad is not None:
-                buckets.setdefault((*matrix_shape(p), p.dtype, p.device), []).append(p)
-        schedule = resolve(group["coefficients"], group["ns_steps"])
-        for (m, n, dtype, device), params in buckets.items():
-            blocks = row_blocks(group.get("split_sizes"), m)
-            # Momentum of the whole bucket in one multi-tensor call, written straight into its stack. With
-            # whole matrices (no split_sizes) the same call applies Newton–Schulz's normalization and
-            # stores the stack in ns_dtype — the official Muon's order: cast to bf16, then normalize —
-            # so no full-precision stack is written and read back; row blocks are normalized by
-            # Newton–Schulz itself, one block at a time.
-            for p in params:
-                if "momentum_buffer" not in self.state[p]:
-                    self._init_state(p, self.state[p], m)
-            fused = len(blocks) == 1
-            stacked = torch.empty((len(params), m, n), dtype=group["ns_dtype"] if fused else dtype, device=device)
-            muon_momentum_stack_(
-                [self.state[p]["momentum_buffer"] for p in params],
-                [p.grad for p in params],
-                stacked,
-                group["momentum"],
-                group["nesterov"],
-                group["backend"],
-                normalize=fused,
-                safety=schedule.safety,
-                eps=NS_EPS,
-            )
-            orthogonal = self._orthogonalize(stacked, blocks, schedule, group, normalized=fused)
-            del stacked
-            for i, p in enumerate(params):
-                self._apply_matrix(group, p, orthogonal[i], blocks)
+    def init_row_state(self, p: Tensor, batch: tuple[int, ...], m: int) -> dict[str, Tensor]:
+        return {}
 
-    def _apply_matrix(self, group: dict, p: Tensor, orthogonal: Tensor, blocks: list[tuple[int, int]]) -> None:
-        """`_apply_block` on every row block of one whole (m, n) matrix."""
-        m, n = orthogonal.shape
-        if p.dim() == 2 or p.is_contiguous():
-            matrix, write_back = p.view(m, n), False
-        else:  # e.g. a channels_last conv kernel: no (m, n) view exists
-            matrix, write_back = p.reshape(m, n).contiguous(), True
-        for r0, r1 in blocks:
-            rows = matrix if len(blocks) == 1 else matrix[r0:r1]
-            scale = shape_scale(group["scale_mode"], r1 - r0, n)
-            self._apply_block(group, self.state[p], rows, orthogonal[r0:r1], r0, r1, scale)
-        if write_back:
-            p.copy_(matrix.view(p.shape))
-
-    @staticmethod
-    def _orthogonalize(
-        stacked: Tensor, blocks: list[tuple[int, int]], schedule: Any, group: dict, normalized: bool = False
-    ) -> Tensor:
-        """Newton–Schulz of every block of every matrix of a (P, m, n) stack, in as few calls as possible.
-        normalized: the stack holds whole matrices already normalized (muon_momentum_stack_(normalize=True))."""
-        P, m, n = stacked.shape
-        sizes = {r1 - r0 for r0, r1 in blocks}
-        if len(sizes) == 1:  # whole matrices, or equal blocks: one batched call over (P·k, m/k, n)
-            size = sizes.pop()
-            out = newton_schulz(
-                stacked.view(P * len(blocks), size, n),
-                coefficients=schedule,
-                eps=NS_EPS,
-                compute_dtype=group["ns_dtype"],
-                backend=group["backend"],
-                normalized=normalized,
-            )
-            return out.view(P, m, n)
-        out = torch.empty((P, m, n), dtype=group["ns_dtype"], device=stacked.device)
-        for r0, r1 in blocks:
-            out[:, r0:r1] = newton_schulz(
-                stacked[:, r0:r1],
-                coefficients=schedule,
-                eps=NS_EPS,
-                compute_dtype=group["ns_dtype"],
-                backend=group["backend"],
-            )
-        return out
-
-    def _apply_block(
-        self, group: dict, state: dict, rows: Tensor, update: Tensor, r0: int, r1: int, scale: float
+    def apply_bucket(
+        self, group: dict, params: list[Tensor], orthogonal: Tensor, row_states: dict[str, list[Tensor]], scale: float
     ) -> None:
         raise NotImplementedError
 
-    def _direction_dtype(self, group: dict, param_dtype: torch.dtype) -> torch.dtype:
-        """The dtype of `_block_direction`'s result."""
+    def direction_dtype(self, group: dict, param_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of `direction_bucket`'s result."""
         return group["ns_dtype"]
 
-    def _block_direction(self, group: dict, row_state: dict[str, Tensor], update: Tensor) -> Tensor:
-        """D such that `_apply_block(rows, update)` equals ``muon_apply_(rows, D, lr, wd, scale, cautious)``,
-        computed from a whole row block; ``row_state`` holds the block's slice of each `_row_state_keys`
-        tensor and is updated in place. The sharded (FSDP2) step computes D where the whole matrix is
-        and applies it on each rank's rows. Muon: D = O."""
-        return update
+    def direction_bucket(self, group: dict, orthogonal: Tensor, row_states: dict[str, list[Tensor]]) -> Tensor:
+        return orthogonal
 
     # -- checkpoints -------------------------------------------------------------------------------
 
@@ -467,3 +399,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for p, key, value in exact:
             self.state[p][key] = value.detach().to(device=p.device, dtype=value.dtype, copy=True)
+        for group in self.param_groups:  # torch cast the momentum to the parameter dtype: back to state_dtype
+            if group["use_muon"] and group.get("state_dtype") is not None:
+                for p in group["params"]:
+                    st = self.state.get(p, {})
+                    if "momentum_buffer" in st:
+                        st["momentum_buffer"] = st["momentum_buffer"].to(group["state_dtype"])

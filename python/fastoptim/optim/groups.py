@@ -22,9 +22,13 @@ def param_groups(
       nn.EmbeddingBag weight; the output head: the last nn.Linear whose weight is tied to an
       embedding or whose name (last component of its qualified name) is in ``head_names``; every
       parameter whose qualified name contains one of ``adamw_names``.
-    - Muon / NorMuon (``use_muon=True``): all other matrices (hidden linear and conv weights).
+    - Muon / NorMuon (``use_muon=True``): all other matrices (hidden linear and conv weights, expert
+      banks). A 3-D tensor reads as a stack of matrices by default (an MoE bank (E, m, n)); the 3-D
+      kernels of 1-D convolutions (nn.Conv1d, nn.ConvTranspose1d) are matrices (out, in·k) instead, so
+      they get a group of their own with ``matrix_view="flatten"`` (unless ``matrix_options`` sets
+      ``matrix_view``).
 
-    ``matrix_options`` (e.g. ``lr=0.02, weight_decay=0.01``) go into the matrix group; the AdamW
+    ``matrix_options`` (e.g. ``lr=0.02, weight_decay=0.01``) go into the matrix groups; the AdamW
     group takes the optimizer's ``adamw_*`` settings. Groups that would be empty are left out.
     Shared (tied) parameters appear once.
     """
@@ -42,15 +46,24 @@ def param_groups(
                 head = module
     if head is not None:
         adamw_ids.add(id(head.weight))
-    matrices, others = [], []
+    conv1d_weights = {
+        id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)) and m.weight.dim() == 3
+    }
+    matrices, conv1d, others = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        routed_adamw = p.dim() < 2 or id(p) in adamw_ids or any(s in name for s in adamw_names)
-        (others if routed_adamw else matrices).append(p)
+        if p.dim() < 2 or id(p) in adamw_ids or any(s in name for s in adamw_names):
+            others.append(p)
+        elif id(p) in conv1d_weights and "matrix_view" not in matrix_options:
+            conv1d.append(p)
+        else:
+            matrices.append(p)
     groups = []
     if matrices:
         groups.append({"params": matrices, "use_muon": True, **matrix_options})
+    if conv1d:
+        groups.append({"params": conv1d, "use_muon": True, "matrix_view": "flatten", **matrix_options})
     if others:
         groups.append({"params": others, "use_muon": False})
     return groups

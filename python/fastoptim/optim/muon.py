@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..ops import muon_apply_
+from ..ops import muon_apply_stack_
 from ._base import MatrixOptimizer
 
 
@@ -32,8 +32,13 @@ class Muon(MatrixOptimizer):
 
     Group keys of a matrix group: lr, momentum, nesterov, weight_decay, ns_steps, coefficients,
     ns_dtype, scale_mode, cautious_weight_decay, backend, split_sizes (optional row blocks
-    orthogonalized separately, e.g. [d, d, d] for a fused QKV weight). State per matrix:
-    ``momentum_buffer``; per AdamW parameter: ``exp_avg``, ``exp_avg_sq``, ``step``.
+    orthogonalized separately, e.g. [d, d, d] for a fused QKV weight), matrix_view (how a tensor of
+    ndim >= 3 reads as matrices: "auto" — 3-D is a stack of matrices, e.g. an MoE expert bank (E, m, n)
+    whose experts are orthogonalized one by one, 4-D and up flatten to (shape[0], -1) like conv
+    kernels —, "stack" or "flatten"), state_dtype (the momentum buffer's dtype; None: the parameter's.
+    torch.bfloat16 halves the momentum memory of float32 parameters: 2 bytes per element instead of 4).
+    lr and weight_decay may be 0-D tensors on the parameters' device (capturable, no recompiles).
+    State per parameter: ``momentum_buffer``; per AdamW parameter: ``exp_avg``, ``exp_avg_sq``, ``step``.
 
     process_group: "auto" (default) splits the Newton–Schulz work of replicated (DDP) parameters over
     the default process group when torch.distributed is initialized; a ProcessGroup names the group the
@@ -59,6 +64,8 @@ class Muon(MatrixOptimizer):
         adamw_weight_decay: float = 0.0,
         backend: str = "auto",
         split_sizes: Sequence[int] | None = None,
+        matrix_view: str = "auto",
+        state_dtype: torch.dtype | None = None,
         process_group: Any = "auto",
     ) -> None:
         defaults = dict(
@@ -77,15 +84,17 @@ class Muon(MatrixOptimizer):
             adamw_weight_decay=adamw_weight_decay,
             backend=backend,
             split_sizes=split_sizes,
+            matrix_view=matrix_view,
+            state_dtype=state_dtype,
         )
         super().__init__(params, defaults, process_group)
 
-    def _apply_block(
-        self, group: dict, state: dict, rows: Tensor, update: Tensor, r0: int, r1: int, scale: float
+    def apply_bucket(
+        self, group: dict, params: list[Tensor], orthogonal: Tensor, row_states: dict[str, list[Tensor]], scale: float
     ) -> None:
-        muon_apply_(
-            rows,
-            update,
+        muon_apply_stack_(
+            params,
+            orthogonal,
             group["lr"],
             group["weight_decay"],
             scale,

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import _validation as check
-from ..ops import normuon_step_
+from ..ops import normuon_step_stack_
 from ._base import MatrixOptimizer
 
 
@@ -31,7 +31,7 @@ class NorMuon(MatrixOptimizer):
     ``process_group``: as for `Muon` (see `fastoptim.distributed`)."""
 
     _float32_state_keys = ("second_moment",)
-    _row_state_keys = ("second_moment",)
+    row_state_keys = ("second_moment",)
 
     def __init__(
         self,
@@ -51,6 +51,8 @@ class NorMuon(MatrixOptimizer):
         adamw_weight_decay: float = 0.0,
         backend: str = "auto",
         split_sizes: Sequence[int] | None = None,
+        matrix_view: str = "auto",
+        state_dtype: torch.dtype | None = None,
         beta2: float = 0.95,
         eps: float = 1e-10,
         process_group: Any = "auto",
@@ -71,32 +73,31 @@ class NorMuon(MatrixOptimizer):
             adamw_weight_decay=adamw_weight_decay,
             backend=backend,
             split_sizes=split_sizes,
+            matrix_view=matrix_view,
+            state_dtype=state_dtype,
             beta2=beta2,
             eps=eps,
         )
         super().__init__(params, defaults, process_group)
 
-    def _validate_matrix_hyper(self, group: dict[str, Any], where: str) -> None:
-        super()._validate_matrix_hyper(group, where)
+    def _validate_matrix_hyper(self, group: dict[str, Any], where: str, at_step: bool = False) -> None:
+        super()._validate_matrix_hyper(group, where, at_step)
         check.beta(f"{where}beta2", group["beta2"])
         check.positive(f"{where}eps", group["eps"])
 
-    def _init_state(self, p: Tensor, state: dict[str, Any], m: int) -> None:
-        super()._init_state(p, state, m)
-        # float32 statistics (float64 for float64 parameters), whatever the parameter dtype.
+    def init_row_state(self, p: Tensor, batch: tuple[int, ...], m: int) -> dict[str, Tensor]:
+        # float32 statistics (float64 for float64 parameters), whatever the parameter dtype: one per row of
+        # every matrix (an expert bank (E, m, n) has (E, m)).
         dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-        state["second_moment"] = torch.zeros(m, dtype=dtype, device=p.device)
+        return {"second_moment": torch.zeros((*batch, m), dtype=dtype, device=p.device)}
 
-    def _apply_block(
-        self, group: dict, state: dict, rows: Tensor, update: Tensor, r0: int, r1: int, scale: float
+    def apply_bucket(
+        self, group: dict, params: list[Tensor], orthogonal: Tensor, row_states: dict[str, list[Tensor]], scale: float
     ) -> None:
-        second_moment = state["second_moment"]
-        if r0 != 0 or r1 != second_moment.shape[0]:
-            second_moment = second_moment[r0:r1]
-        normuon_step_(
-            rows,
-            update,
-            second_moment,
+        normuon_step_stack_(
+            params,
+            orthogonal,
+            row_states["second_moment"],
             group["lr"],
             group["weight_decay"],
             group["beta2"],
@@ -106,21 +107,21 @@ class NorMuon(MatrixOptimizer):
             backend=group["backend"],
         )
 
-    def _direction_dtype(self, group: dict, param_dtype: torch.dtype) -> torch.dtype:
+    def direction_dtype(self, group: dict, param_dtype: torch.dtype) -> torch.dtype:
         # The dtype normuon_step_ computes Ô in (float64 if any of its inputs is float64).
         return torch.float64 if torch.float64 in (param_dtype, group["ns_dtype"]) else torch.float32
 
-    def _block_direction(self, group: dict, row_state: dict[str, Tensor], update: Tensor) -> Tensor:
+    def direction_bucket(self, group: dict, orthogonal: Tensor, row_states: dict[str, list[Tensor]]) -> Tensor:
         # normuon_step_ on a zero matrix with lr = 1, no decay and scale = -1 leaves exactly Ô in it
-        # (0 - (-1)·Ô); muon_apply_(p, Ô, lr, wd, scale, cautious) then takes NorMuon's own step.
-        second_moment = row_state["second_moment"]
-        direction = torch.zeros(
-            update.shape, dtype=self._direction_dtype(group, second_moment.dtype), device=update.device
-        )
-        normuon_step_(
-            direction,
-            update,
-            second_moment,
+        # (0 - (-1)·Ô); muon_apply_stack_(p, Ô, lr, wd, scale, cautious) then takes NorMuon's own step.
+        second_moments = row_states["second_moment"]
+        wide = orthogonal.dtype == torch.float64 or any(v.dtype == torch.float64 for v in second_moments)
+        dtype = torch.float64 if wide else torch.float32
+        direction = torch.zeros(orthogonal.shape, dtype=dtype, device=orthogonal.device)
+        normuon_step_stack_(
+            list(direction),
+            orthogonal,
+            second_moments,
             lr=1.0,
             weight_decay=0.0,
             beta2=group["beta2"],

@@ -177,8 +177,14 @@ class SophiaG(_Sophia):
         for group in self.param_groups:
             self._validate_group(group)
         check_grads(self.param_groups)
-        for group in self.param_groups:
-            self._clipped_step(group, group["rho"] * (group["bs"] if bs is None else bs))
+        # Atomic: every group's effective rho is checked before the first group steps (rho·bs can
+        # overflow to inf even when both are finite).
+        rhos = []
+        for g, group in enumerate(self.param_groups):
+            rho = group["rho"] * (group["bs"] if bs is None else bs)
+            rhos.append(check.positive(f"param_groups[{g}] rho·bs (the rho the update uses)", rho))
+        for group, rho in zip(self.param_groups, rhos):
+            self._clipped_step(group, rho)
         return loss
 
 

@@ -1,0 +1,250 @@
+"""The bucket engine: one step of a matrix group, for every layout.
+
+How a step flows
+    1. Plan (`plan_group`), before any tensor changes: each parameter with a gradient becomes its
+       matrices (`_geometry`: 2-D weights, expert banks, flattened conv kernels, row blocks); matrices of
+       one (rows, cols, dtype, device) form a *bucket*; each parameter is given to a layout. Everything a
+       step can refuse (a gradient sharded unlike its parameter, a forced backend that cannot run a
+       bucket) raises here, so a refused step changes nothing.
+    2. Run the bucket's three ops — the same `Compute` calls in every layout, so every layout rounds
+       like one process:
+         muon_momentum_stack_   momentum of every matrix of the bucket, its Newton–Schulz input cast to
+                                ns_dtype and normalized, written into one (P, rows, cols) stack;
+         newton_schulz          one batched call over the stack (normalized=True: no second pass);
+         apply                  one multi-tensor launch: `muon_apply_stack_` (Muon) or
+                                `normuon_step_stack_` (NorMuon) over the bucket's parameter views.
+    3. Layouts only decide who owns which whole matrices and how they reach their owner and come back:
+       - local: a single process (world size 1), or expert banks sharded on the expert dimension
+         (every rank holds whole experts);
+       - replicated (DDP, `fastoptim.distributed.ReplicatedLayout`): every rank runs the momentum of the
+         whole bucket, owners run Newton–Schulz and the apply on their share, parameters are broadcast;
+       - sharded (FSDP2 Shard(0) rows, `fastoptim.distributed.ShardedLayout`): each rank casts its rows'
+         Newton–Schulz input to ns_dtype, an all-to-all brings owners whole matrices, Newton–Schulz
+         normalizes them (the same formula as the fused momentum normalization) and the step direction's
+         rows go back.
+
+A `rule` (the optimizer: Muon or NorMuon) supplies the per-family pieces: ``row_state_keys``,
+``init_row_state``, ``apply_bucket`` and ``direction_bucket`` (see `MatrixRule`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from .. import backends, distributed
+from .._geometry import Matrix, matrices, matrix_form, newton_schulz_flops, reads_as_stack, shape_scale
+from ..coefficients import Schedule, resolve
+from ..ops import muon_apply_stack_, muon_momentum_stack_, newton_schulz
+
+NS_EPS = 1e-7  # Newton–Schulz's normalization: X = G / (safety·‖G‖_F + NS_EPS), as the reference Muon
+
+
+class MatrixRule(Protocol):
+    """What differs between Muon and NorMuon."""
+
+    row_state_keys: tuple[str, ...]
+
+    def init_row_state(self, p: Tensor, batch: tuple[int, ...], m: int) -> dict[str, Tensor]:
+        """Per-row state tensors of shape (*batch, m) for a new parameter."""
+
+    def apply_bucket(
+        self, group: dict, params: list[Tensor], orthogonal: Tensor, row_states: dict[str, list[Tensor]], scale: float
+    ) -> None:
+        """Step every matrix view of `params` with its slice of `orthogonal`, in one op call."""
+
+    def direction_bucket(self, group: dict, orthogonal: Tensor, row_states: dict[str, list[Tensor]]) -> Tensor:
+        """D with ``muon_apply_stack_(params, D, ...)`` == ``apply_bucket(params, orthogonal, ...)``; updates
+        the row states in place. Muon: D = O."""
+
+
+class Unit(NamedTuple):
+    """A matrix of the parameter group["params"][param]."""
+
+    param: int
+    matrix: Matrix
+
+
+class Bucket(NamedTuple):
+    rows: int
+    cols: int
+    dtype: torch.dtype
+    device: torch.device
+    scale: float
+    flops: int  # Newton–Schulz FLOPs of one matrix
+    units: list[Unit]
+
+
+class GroupPlan(NamedTuple):
+    """What one step of a matrix group does; built before anything changes."""
+
+    schedule: Schedule
+    local: list[Bucket]  # single process, process_group=None, or sharded expert banks (whole experts)
+    replicated: list[Bucket]  # plain tensors replicated over `process_group`
+    process_group: Any
+    sharded: dict[Any, list[tuple[tuple[int, int, torch.dtype, torch.device], list[int]]]]  # mesh -> buckets
+
+
+local = distributed.local_tensor
+
+
+def bucket_units(
+    group: dict, indices: Sequence[int], schedule: Schedule, use_local: bool = True
+) -> list[Bucket]:
+    """The buckets of the matrices of group["params"][i] for i in indices, in order of first appearance."""
+    found: dict[tuple, list[Unit]] = {}
+    for i in indices:
+        p = group["params"][i]
+        t = local(p) if use_local else p
+        for matrix in matrices(t.shape, group["matrix_view"], group.get("split_sizes")):
+            cols = matrix_form(t.shape, group["matrix_view"])[2]
+            if matrix.rows == 0 or cols == 0:
+                continue  # nothing to orthogonalize (and nothing to divide by)
+            found.setdefault((matrix.rows, cols, t.dtype, t.device), []).append(Unit(i, matrix))
+    steps = len(schedule.triples)
+    return [
+        Bucket(rows, cols, dtype, device, shape_scale(group["scale_mode"], rows, cols),
+               newton_schulz_flops(rows, cols, steps), units)
+        for (rows, cols, dtype, device), units in found.items()
+    ]
+
+
+def plan_group(group: dict, process_group: Any) -> GroupPlan:
+    """Sort a matrix group's parameters by layout and bucket them; raises before anything changes."""
+    schedule = resolve(group["coefficients"], group["ns_steps"])
+    plain, banks, rows_sharded = [], [], {}
+    for i, p in enumerate(group["params"]):
+        if p.grad is None:
+            continue
+        if distributed.is_dtensor(p):
+            distributed.check_grad_placement(p, i)
+            if reads_as_stack(p.shape, group["matrix_view"]):
+                banks.append(i)  # Shard(0) of a stack holds whole matrices: no communication
+            else:
+                rows_sharded.setdefault(p.device_mesh, []).append(i)
+        else:
+            plain.append(i)
+    replicate = distributed.replicate_group(process_group)
+    local_indices = banks + (plain if replicate is None else [])
+    sharded = {}
+    for mesh, indices in rows_sharded.items():
+        by_shape: dict[tuple, list[int]] = {}
+        for i in indices:
+            p = group["params"][i]
+            _, m, n = matrix_form(p.shape, group["matrix_view"])
+            by_shape.setdefault((m, n, p.dtype, local(p).device), []).append(i)
+        sharded[mesh] = list(by_shape.items())
+    return GroupPlan(
+        schedule,
+        bucket_units(group, local_indices, schedule),
+        bucket_units(group, plain, schedule) if replicate is not None else [],
+        replicate,
+        sharded,
+    )
+
+
+class Compute:
+    """The ops of a bucket, with the group's settings: the same calls in every layout."""
+
+    def __init__(self, rule: MatrixRule, group: dict, schedule: Schedule) -> None:
+        self.rule, self.group, self.schedule = rule, group, schedule
+
+    def ns_input(self, bufs: list[Tensor], grads: list[Tensor], out: Tensor, normalize: bool) -> None:
+        """Momentum of each matrix; its Newton–Schulz input into out[i] (cast to out's dtype, then, with
+        normalize, divided by safety·‖·‖_F + eps)."""
+        muon_momentum_stack_(
+            bufs,
+            grads,
+            out,
+            self.group["momentum"],
+            self.group["nesterov"],
+            self.group["backend"],
+            normalize=normalize,
+            safety=self.schedule.safety,
+            eps=NS_EPS,
+        )
+
+    def orthogonalize(self, stack: Tensor, normalized: bool) -> Tensor:
+        return newton_schulz(
+            stack,
+            coefficients=self.schedule,
+            eps=NS_EPS,
+            compute_dtype=self.group["ns_dtype"],
+            backend=self.group["backend"],
+            normalized=normalized,
+        )
+
+    def views(self, state: Any, units: Sequence[Unit]) -> BucketViews:
+        return views(self.group, state, units, self.rule.row_state_keys)
+
+    def apply(self, params: list[Tensor], orthogonal: Tensor, row_states: dict[str, list[Tensor]], scale: float):
+        self.rule.apply_bucket(self.group, params, orthogonal, row_states, scale)
+
+    def direction(self, orthogonal: Tensor, row_states: dict[str, list[Tensor]]) -> Tensor:
+        return self.rule.direction_bucket(self.group, orthogonal, row_states)
+
+    def apply_direction(self, params: list[Tensor], direction: Tensor, scale: float) -> None:
+        g = self.group
+        muon_apply_stack_(
+            params, direction, g["lr"], g["weight_decay"], scale, g["cautious_weight_decay"], g["backend"]
+        )
+
+
+class BucketViews(NamedTuple):
+    params: list[Tensor]
+    grads: list[Tensor]
+    bufs: list[Tensor]
+    row_states: dict[str, list[Tensor]]
+
+
+def views(group: dict, state: Any, units: Sequence[Unit], row_state_keys: Sequence[str]) -> BucketViews:
+    """Each unit's views of its (local) parameter, gradient, momentum buffer and row states."""
+    params, grads, bufs = [], [], []
+    row_states: dict[str, list[Tensor]] = {key: [] for key in row_state_keys}
+    for param, matrix in units:
+        p = group["params"][param]
+        st = state[p]
+        params.append(matrix.of(local(p)))
+        grads.append(matrix.of(local(p.grad)))
+        bufs.append(matrix.of(local(st["momentum_buffer"])))
+        for key in row_state_keys:
+            row_states[key].append(matrix.rows_of(local(st[key])))
+    return BucketViews(params, grads, bufs, row_states)
+
+
+def run_local(compute: Compute, state: Any, bucket: Bucket) -> None:
+    """One bucket in one process: momentum into the stack, Newton–Schulz, the apply: three op calls."""
+    v = compute.views(state, bucket.units)
+    stack = torch.empty(
+        (len(bucket.units), bucket.rows, bucket.cols), dtype=compute.group["ns_dtype"], device=bucket.device
+    )
+    compute.ns_input(v.bufs, v.grads, stack, normalize=True)
+    orthogonal = compute.orthogonalize(stack, normalized=True)
+    del stack
+    compute.apply(v.params, orthogonal, v.row_states, bucket.scale)
+
+
+def init_state(rule: MatrixRule, group: dict, state: Any, indices: Sequence[int]) -> None:
+    """Momentum buffer (state_dtype, or the parameter's) and the rule's row state of new parameters."""
+    for i in indices:
+        p = group["params"][i]
+        st = state[p]
+        if "momentum_buffer" in st:
+            continue
+        dtype = group.get("state_dtype") or p.dtype
+        st["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        batch, m, _ = matrix_form(p.shape, group["matrix_view"])
+        for key, full in rule.init_row_state(p, batch, m).items():
+            st[key] = distributed.shard_rows_like(p, full)
+
+
+def precheck_backends(group: dict, plan: GroupPlan) -> None:
+    """A forced backend (group backend or FASTOPTIM_BACKEND) that cannot run a bucket's Newton–Schulz
+    raises before anything changes; "auto" always finds one (torch runs everything)."""
+    for bucket in (*plan.local, *plan.replicated):
+        probe = torch.empty((1, bucket.rows, bucket.cols), dtype=group["ns_dtype"], device="meta")
+        args = (probe, plan.schedule, NS_EPS, group["ns_dtype"], True)
+        backends.select("newton_schulz", group["backend"], bucket.device, args)
