@@ -56,31 +56,53 @@ class Net(nn.Module):
         return self.head(h) + self.gate(h) + moe[:, :7]
 
 
+class MLP(nn.Module):
+    """For tensor parallelism: fc1 column-parallel (weight Shard(0)), fc2 row-parallel (weight Shard(1))."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1 = nn.Linear(9, 16)
+        self.fc2 = nn.Linear(16, 12)
+        self.head = nn.Linear(12, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x.flatten(1))))))
+
+
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
     return torch.randn(GLOBAL_BATCH, 3, 3, generator=g), torch.randn(GLOBAL_BATCH, 7, generator=g)
 
 
-def groups(model: nn.Module) -> list[dict]:
+def groups(model: nn.Module, split_head: bool = True) -> list[dict]:
+    """Split-head blocks are supported with plain tensors and 1-D Shard(0); HSDP runs without them."""
     named = dict(model.named_parameters())
+    if not isinstance(model, Net):  # the tensor-parallel MLP
+        matrices = [(k, v) for k, v in named.items() if v.dim() >= 2]
+        return [
+            {"params": matrices, "use_muon": True},
+            {"params": [(k, v) for k, v in named.items() if v.dim() < 2], "use_muon": False},
+        ]
     matrices = ["fc1.weight", "fc2.weight", "fc3.weight", "gate.weight", "experts"]
     return [
         {"params": [("conv.weight", named["conv.weight"])], "use_muon": True, "matrix_view": "flatten"},
         {"params": [(k, named[k]) for k in matrices], "use_muon": True},
-        {"params": [("head.weight", named["head.weight"])], "use_muon": True, "split_sizes": [3, 4]},
+        {"params": [("head.weight", named["head.weight"])], "use_muon": True,
+         "split_sizes": [3, 4] if split_head else None},
         {"params": [(k, v) for k, v in named.items() if k.endswith("bias")], "use_muon": False},
     ]
 
 
-def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(name: str, model: nn.Module, split_head: bool = True) -> torch.optim.Optimizer:
     """muon, normuon: float32 Newton–Schulz; muon_bf16, normuon_bf16: the default bfloat16 ns_dtype."""
     base, _, precision = name.partition("_")
     ns_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     common = dict(lr=0.02, ns_dtype=ns_dtype, weight_decay=0.1, adamw_lr=1e-2, adamw_weight_decay=0.01)
     if base == "muon":
-        return Muon(groups(model), cautious_weight_decay=True, **common)
+        return Muon(groups(model, split_head), cautious_weight_decay=True, **common)
     if base == "normuon":
-        return NorMuon(groups(model), **common)
+        return NorMuon(groups(model, split_head), **common)
     if name == "sophia":
         return SophiaG(model.parameters(), lr=1e-2, rho=0.05, bs=GLOBAL_BATCH)
     if name == "sophiah":  # refreshes on steps 0 and 2
@@ -179,14 +201,16 @@ def run_checkpoint(name: str, rank: int, world: int, out_dir: str, results: dict
 
 def run_placements(world: int, results: dict) -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world,))
     by_columns = nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Shard(1)]))
-    replicated = nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Replicate()]))
+    partial = nn.Parameter(DTensor.from_local(torch.randn(6, 4), mesh, [Partial()], run_check=False))
+    bank_inside = nn.Parameter(distribute_tensor(torch.randn(2, 6, 4), mesh, [Shard(1)]))
     for key, make in {
-        "error_named_shard1": lambda: Muon([("blocks.0.attn.weight", by_columns)]),
-        "error_unnamed_replicate": lambda: NorMuon([replicated]),
+        "error_named_partial": lambda: Muon([("blocks.0.attn.weight", partial)]),
+        "error_split_columns": lambda: NorMuon([{"params": [by_columns], "split_sizes": [3, 3]}]),
+        "error_bank_inside": lambda: Muon([bank_inside]),
     }.items():
         try:
             make()
@@ -198,8 +222,66 @@ def run_placements(world: int, results: dict) -> None:
         results["error_sophiah_fsdp2"] = None
     except ValueError as e:
         results["error_sophiah_fsdp2"] = str(e)
-    NorMuon([{"params": [by_columns], "use_muon": False}])  # elementwise AdamW takes any placement
-    results["adamw_shard1_accepted"] = True
+    NorMuon([{"params": [partial], "use_muon": False}])  # elementwise AdamW takes any placement
+    results["adamw_partial_accepted"] = True
+
+
+MATRIX_OPTIMIZERS = ("muon", "normuon", "muon_bf16", "normuon_bf16")
+
+
+def run_hsdp(name: str, rank: int, world: int, results: dict) -> None:
+    """FSDP2 on a 2-D (replicate, shard) mesh: parameters placed (Replicate(), Shard(0))."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    net = Net()
+    for module in (net.conv, net.fc1, net.fc2, net.fc3, net.head, net.gate):
+        fully_shard(module, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    opt = make_optimizer(name, net, split_head=False)
+    train(net, opt, name, STEPS, rank=rank, world=world)
+    results[f"hsdp_{name}"] = _full_params(net)
+    results["hsdp_placements"] = [str(p.placements) for p in net.parameters()]
+
+
+def _tp_plan() -> dict:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    return {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()}
+
+
+def run_tp(name: str, rank: int, world: int, results: dict) -> None:
+    """Tensor parallel over all ranks: every rank sees the whole batch; fc1 Shard(0), fc2 Shard(1); the
+    head is a plain (replicated) tensor."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = parallelize_module(MLP(), mesh, _tp_plan())
+    opt = make_optimizer(name, model)
+    train(model, opt, name, STEPS)  # no data split
+    results[f"tp_{name}"] = _full_params(model)
+    results["tp_placements"] = {k: str(v.placements) for k, v in model.named_parameters() if hasattr(v, "placements")}
+
+
+def run_fsdp_tp(name: str, rank: int, world: int, results: dict) -> None:
+    """FSDP2 over dp x tensor parallel over tp on a (dp, world/dp) mesh (2 x 2 at 4 ranks, 1 x 2 at 2);
+    data split over dp."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    dp = 2 if world >= 4 else 1
+    mesh = init_device_mesh("cpu", (dp, world // dp), mesh_dim_names=("dp", "tp"))
+    model = parallelize_module(MLP(), mesh["tp"], _tp_plan())
+    for module in (model.fc1, model.fc2, model.head):
+        fully_shard(module, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    opt = make_optimizer(name, model)
+    train(model, opt, name, STEPS, rank=mesh.get_local_rank("dp"), world=dp)
+    results[f"fsdp_tp_{name}"] = _full_params(model)
+    results["fsdp_tp_placements"] = {k: str(v.placements) for k, v in model.named_parameters()}
 
 
 def main() -> None:
@@ -217,6 +299,10 @@ def main() -> None:
             for name in ("normuon", "muon"):
                 run_checkpoint(name, rank, world, out_dir, results)
             run_placements(world, results)
+            for name in MATRIX_OPTIMIZERS:
+                run_hsdp(name, rank, world, results)
+                run_tp(name, rank, world, results)
+                run_fsdp_tp(name, rank, world, results)
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         torch.distributed.destroy_process_group()

@@ -168,14 +168,65 @@ def test_fsdp2_checkpoint_round_trip_continues_exactly(ranks, name):
 
 @needs_fsdp2_on_gloo
 def test_unsupported_placement_is_refused_at_construction(ranks):
-    message = ranks[0]["error_named_shard1"]
-    assert message is not None and "blocks.0.attn.weight" in message and "Shard(dim=1)" in message
-    message = ranks[0]["error_unnamed_replicate"]
-    assert message is not None and "params[0]" in message and "Replicate()" in message
-    assert ranks[0]["adamw_shard1_accepted"]
+    message = ranks[0]["error_named_partial"]
+    assert message is not None and "blocks.0.attn.weight" in message and "Partial" in message
+    message = ranks[0]["error_split_columns"]
+    assert message is not None and "params[0]" in message and "Shard(dim=1)" in message and "split_sizes" in message
+    message = ranks[0]["error_bank_inside"]
+    assert message is not None and "Shard(dim=1)" in message and "expert" in message
+    assert ranks[0]["adamw_partial_accepted"]
     # SophiaH cannot reach sharded parameters with autograd.grad: refused, not silently skipped.
     message = ranks[0]["error_sophiah_fsdp2"]
     assert message is not None and "'experts'" in message and "SophiaG" in message  # the first sharded one
+
+
+def _single_mlp(name: str) -> dict:
+    model = worker.MLP()
+    opt = worker.make_optimizer(name, model)
+    worker.train(model, opt, name, worker.STEPS)
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+@needs_fsdp2_on_gloo
+@pytest.mark.parametrize("name", worker.MATRIX_OPTIMIZERS)
+def test_hsdp_matches_one_process(ranks, name):
+    """FSDP2 on a 2-D (replicate, shard) mesh: (Replicate(), Shard(0)); the Newton–Schulz work is split over
+    every rank of the mesh; the expert bank stays local (whole experts)."""
+    model = worker.Net()
+    opt = worker.make_optimizer(name, model, split_head=False)
+    worker.train(model, opt, name, worker.STEPS)
+    want = {k: v.detach().clone() for k, v in model.named_parameters()}
+    _moved(want)
+    assert "Replicate(), Shard(dim=0)" in ranks[0]["hsdp_placements"][1]
+    for result in ranks:
+        _assert_close(result[f"hsdp_{name}"], want)
+    for other in ranks[1:]:
+        for k, v in ranks[0][f"hsdp_{name}"].items():
+            assert torch.equal(v, other[f"hsdp_{name}"][k]), k
+
+
+@needs_fsdp2_on_gloo
+@pytest.mark.parametrize("name", worker.MATRIX_OPTIMIZERS)
+def test_tensor_parallel_matches_one_process(ranks, name):
+    """ColwiseParallel (Shard(0)) and RowwiseParallel (Shard(1)) weights: whole matrices are orthogonalized,
+    never a shard on its own (that would change the update); NorMuon's row statistics use whole rows."""
+    want = _single_mlp(name)
+    assert ranks[0]["tp_placements"]["fc1.weight"] == "(Shard(dim=0),)"
+    assert ranks[0]["tp_placements"]["fc2.weight"] == "(Shard(dim=1),)"
+    for result in ranks:
+        _assert_close(result[f"tp_{name}"], want)
+
+
+@needs_fsdp2_on_gloo
+@pytest.mark.parametrize("name", worker.MATRIX_OPTIMIZERS)
+def test_fsdp_plus_tensor_parallel_matches_one_process(ranks, name):
+    """A 2-D (dp, tp) mesh: fc1 (_StridedShard or Shard(0) over dp, Shard(0) over tp), fc2 (Shard(0),
+    Shard(1)), the head Shard(0) over dp only."""
+    want = _single_mlp(name)
+    placements = ranks[0]["fsdp_tp_placements"]
+    assert placements["fc2.weight"].endswith("Shard(dim=1))") and placements["fc1.weight"].endswith("Shard(dim=0))")
+    for result in ranks:
+        _assert_close(result[f"fsdp_tp_{name}"], want)
 
 
 def test_work_is_balanced_by_flops_not_by_count():

@@ -254,3 +254,43 @@ def test_state_dtype_bfloat16_momentum():
             assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
     with pytest.raises(TypeError, match="state_dtype"):
         Muon(params, state_dtype="bf16")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls", [Muon, NorMuon])
+def test_a_step_with_tensor_lr_is_captured_in_a_cuda_graph(cls):
+    """The whole matrix step (momentum stack, Newton–Schulz, apply stack) replays from a CUDA graph with a
+    new learning rate written into the lr tensor, and matches eager steps."""
+    device = torch.device("cuda")
+    shapes = [(64, 128), (64, 128), (128, 64), (4, 32, 48)]
+    params = [torch.randn(s, device=device, requires_grad=True) for s in shapes]
+    eager = [p.detach().clone().requires_grad_() for p in params]
+    lr = torch.tensor(0.02, device=device)
+    opt = cls(params, lr=lr, weight_decay=0.01)
+    ref = cls(eager, lr=0.02, weight_decay=0.01)
+    grads = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the graph: state, tables, cuBLAS workspaces
+        opt.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for p, g in zip(eager, grads):
+        p.grad = g.clone()
+    ref.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for step, value in enumerate((0.01, 0.005, 0.0025)):
+        for g in grads:
+            g.copy_(torch.randn_like(g))
+        lr.fill_(value)
+        graph.replay()
+        for p, g in zip(eager, grads):
+            p.grad = g.clone()
+        ref.param_groups[0]["lr"] = value
+        ref.step()
+    torch.cuda.synchronize()
+    for p, q in zip(params, eager):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-3, atol=2e-4)

@@ -80,9 +80,14 @@ from torch import Tensor
 from ._geometry import assign_work, newton_schulz_flops, row_blocks, row_bounds, shape_scale
 
 if dist.is_available():
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    try:
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:  # older torch: FSDP2 + TP places no strided shards
+        _StridedShard = None
 else:  # a torch build without torch.distributed: nothing here is ever distributed
-    DTensor = Shard = None
+    DTensor = Replicate = Shard = _StridedShard = None
 
 
 def is_dtensor(t: object) -> bool:
@@ -107,20 +112,96 @@ def check_process_group(process_group: Any) -> Any:
     raise TypeError(f'process_group must be "auto", None or a torch.distributed.ProcessGroup, got {process_group!r}')
 
 
-def check_placements(params: Sequence[Tensor], names: Sequence[str] | None = None) -> None:
-    """Matrix parameters must be plain tensors or DTensors placed [Shard(0)] on a 1-D mesh."""
+def sharded_dim(placement: Any) -> int | None:
+    """The tensor dimension a placement shards (Shard or _StridedShard), None for Replicate; Partial raises."""
+    if _StridedShard is not None and isinstance(placement, _StridedShard):
+        return placement.dim
+    if isinstance(placement, Shard):
+        return placement.dim
+    if placement.is_replicate():
+        return None
+    raise ValueError(f"placement {placement} is neither a shard nor a replicate")
+
+
+def _shifted(placement: Any, by: int) -> Any:
+    """The placement of the same shard pattern on a tensor with `by` more leading dimensions."""
+    dim = sharded_dim(placement)
+    if dim is None:
+        return placement
+    if _StridedShard is not None and isinstance(placement, _StridedShard):
+        return _StridedShard(dim + by, split_factor=placement.split_factor)
+    return Shard(dim + by)
+
+
+def row_state_placements(p: Tensor, stack: bool) -> tuple:
+    """Placements of a (*batch, m) per-row statistic of DTensor p: shards of p's batch dimensions and of
+    its rows stay, shards of its columns become Replicate (every column shard holds every row)."""
+    keep = p.dim() - 1 if stack else 1  # dims [0, keep) of p are dims of the row statistic
+    return tuple(
+        placement if (sharded_dim(placement) is None or sharded_dim(placement) < keep) else Replicate()
+        for placement in p.placements
+    )
+
+
+def layout_kind(p: Tensor, stack: bool) -> str:
+    """How the engine steps DTensor p: "local" (a stack sharded on its batch dimensions only: whole
+    matrices everywhere), "rows" (Shard(0) on a 1-D mesh: all-to-all of rows) or "gathered" (any other
+    mix of Shard/_StridedShard/Replicate on any mesh: HSDP, tensor parallel, FSDP + TP)."""
+    dims = [sharded_dim(placement) for placement in p.placements]
+    if stack and all(d is None or d < p.dim() - 2 for d in dims):
+        return "local"
+    if not stack and p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),):
+        return "rows"
+    return "gathered"
+
+
+def check_placements(
+    params: Sequence[Tensor], names: Sequence[str] | None = None, stack_of: Callable[[Tensor], bool] | None = None,
+    split_sizes: Sequence[int] | None = None,
+) -> None:
+    """DTensor matrix parameters: Shard / _StridedShard / Replicate placements on any mesh; Partial (an
+    unreduced gradient layout) is refused, and so are ``split_sizes`` with a layout other than row shards
+    on a 1-D mesh and a stack sharded inside its matrices (not supported yet)."""
     for i, p in enumerate(params):
         if not is_dtensor(p):
             continue
         mesh, placements = p.device_mesh, tuple(p.placements)
-        if mesh.ndim == 1 and placements == (Shard(0),):
-            continue
         name = f"params[{i}]" if names is None else f"parameter {names[i]!r}"
-        raise ValueError(
-            f"{name} (shape {tuple(p.shape)}) is a DTensor placed {list(placements)} on a {mesh.ndim}-D mesh; "
-            "Muon/NorMuon orthogonalize DTensor matrices only when sharded by rows, [Shard(0)] on a 1-D mesh "
-            "(FSDP2 fully_shard); put it in a use_muon=False (AdamW) group or shard it along dim 0"
-        )
+        where = f"{name} (shape {tuple(p.shape)}) is a DTensor placed {list(placements)} on a {mesh.ndim}-D mesh"
+        try:
+            [sharded_dim(placement) for placement in placements]
+        except ValueError:
+            raise ValueError(
+                f"{where}; Muon/NorMuon take Shard, _StridedShard or Replicate placements (a Partial parameter "
+                "is not a value); put it in a use_muon=False (AdamW) group"
+            ) from None
+        stack = stack_of(p) if stack_of is not None else False
+        kind = layout_kind(p, stack)
+        if stack and kind != "local":
+            raise ValueError(
+                f"{where}; an expert bank (a stack of matrices) is supported sharded on its expert dimensions "
+                "(whole experts on every rank), not inside its matrices"
+            )
+        if split_sizes is not None and kind == "gathered":
+            raise ValueError(
+                f"{where}; split_sizes is supported for plain tensors and Shard(0) on a 1-D mesh (FSDP2), not "
+                "yet for this layout: orthogonalize the blocks as separate parameters"
+            )
+        if kind == "gathered":
+            mesh_group(mesh)  # created now, on every rank at the same point (new_group is collective)
+
+
+_MESH_GROUPS: dict[tuple[int, ...], Any] = {}
+
+
+def mesh_group(mesh: Any) -> Any:
+    """A process group over every rank of a device mesh (its own group when 1-D)."""
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    ranks = tuple(sorted(mesh.mesh.flatten().tolist()))
+    if ranks not in _MESH_GROUPS:
+        _MESH_GROUPS[ranks] = dist.new_group(list(ranks))
+    return _MESH_GROUPS[ranks]
 
 
 def replicate_group(process_group: Any) -> Any:
@@ -172,15 +253,16 @@ def check_grad_placement(p: Tensor, index: int) -> None:
         )
 
 
-def shard_rows_like(p: Tensor, full: Tensor) -> Tensor:
-    """A new state tensor `full` (dim 0 = p's dim 0) sharded like p's Shard(0); p itself when not a DTensor."""
+def shard_rows_like(p: Tensor, full: Tensor, stack: bool = False) -> Tensor:
+    """A new per-row state tensor `full` (*batch, m) of p, as a DTensor placed like p's rows
+    (`row_state_placements`); `full` itself when p is not a DTensor. Local slicing, no communication."""
     if not is_dtensor(p):
         return full
     mesh = p.device_mesh
-    start, stop = row_bounds(full.shape[0], mesh.size())[mesh.get_local_rank()]
-    return DTensor.from_local(
-        full[start:stop].clone(), mesh, [Shard(0)], run_check=False, shape=full.shape, stride=full.stride()
-    )
+    placements = row_state_placements(p, stack)
+    replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    local = replicated.redistribute(mesh, placements).to_local().clone()  # not a view keeping `full` alive
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=full.shape, stride=full.stride())
 
 
 def _check_layout(layout: tuple, process_group: Any, world: int) -> None:
@@ -439,3 +521,114 @@ def _apply_local_rows(compute: Any, locals_: list[Tensor], directions: Tensor, b
         views = [t[lo:hi] for t in locals_ for lo, hi in ranges]
         stack = torch.stack([directions[k, lo:hi] for k in range(len(locals_)) for lo, hi in ranges])
         compute.apply_direction(views, stack, scale)
+
+
+def _gather_stack(local: Tensor, mesh: Any, placements: Sequence[Any], shape: tuple) -> Tensor:
+    """The whole (P, *shape) stack on every rank from each rank's (P, *local shape) shards of P tensors
+    placed `placements` (one all-gather per sharded mesh dimension, by DTensor)."""
+    full_shape = (local.shape[0], *shape)
+    stride = tuple(math.prod(full_shape[d + 1 :]) for d in range(len(full_shape)))
+    stacked = DTensor.from_local(
+        local, mesh, [_shifted(pl, 1) for pl in placements], run_check=False, shape=full_shape, stride=stride
+    )
+    return stacked.full_tensor()
+
+
+def _local_of_stack(full: Tensor, mesh: Any, placements: Sequence[Any]) -> Tensor:
+    """This rank's shards (P, *local shape) of a whole (P, *shape) stack present on every rank (local slicing)."""
+    replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return replicated.redistribute(mesh, [_shifted(pl, 1) for pl in placements]).to_local()
+
+
+class GatheredLayout:
+    """DTensor matrices under any mix of Shard, _StridedShard and Replicate on any mesh: HSDP
+    (Replicate, Shard(0)), tensor parallel Shard(0) / Shard(1), FSDP + TP on a 2-D mesh.
+
+    Per bucket (same global shape, dtype, mesh and placements): each rank runs the momentum of its
+    shards and casts the Newton–Schulz input to ns_dtype (one multi-tensor call); one all-gather per
+    sharded mesh dimension gives every rank the whole matrices; the bucket is cut into FLOP-balanced
+    chunks over all ranks of the mesh (the replicate dimension too); each owner orthogonalizes its chunk
+    (Newton–Schulz normalizes it: the formula of one process's fused normalization) and computes the
+    direction (NorMuon: whole rows, whole-matrix norms) and the new row statistics, which it broadcasts;
+    every rank then applies its own shards of the direction with one ``muon_apply_stack_``.
+    Communication per rank and step: an all-gather of the bucket in ns_dtype (as FSDP's own all-gather of
+    the parameters, in 2 bytes) and the directions of every matrix (b_d bytes per element)."""
+
+    def __init__(self) -> None:
+        self._owners = _Owners()
+
+    def run(self, compute: Any, state: Any, buckets: Sequence[tuple[tuple, list[int]]], mesh: Any) -> None:
+        group, rule = compute.group, compute.rule
+        keys = rule.row_state_keys
+        process_group = mesh_group(mesh)
+        world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+        steps = len(compute.schedule.triples)
+        costs = [(len(indices), newton_schulz_flops(m, n, steps)) for (m, n, *_), indices in buckets]
+        layout = tuple(
+            (m, n, str(dtype), str(placements), count, flops)
+            for ((m, n, dtype, _, placements), _), (count, flops) in zip(buckets, costs)
+        )
+        owners = self._owners(layout, costs, process_group, world)
+        pending = []
+        for b, ((m, n, dtype, device, placements), indices) in enumerate(buckets):
+            order = sorted(range(len(indices)), key=lambda k: owners[b][k])  # owned matrices adjacent
+            params = [group["params"][indices[k]] for k in order]
+            owner_of = [owners[b][k] for k in order]
+            shape = tuple(params[0].shape)
+            local_shape = tuple(local_tensor(params[0]).shape)
+            local_numel = math.prod(local_shape)
+            ns_input = torch.empty((len(params), 1, local_numel), dtype=group["ns_dtype"], device=device)
+            compute.ns_input(
+                [local_tensor(state[p]["momentum_buffer"]) for p in params],
+                [local_tensor(p.grad) for p in params],
+                ns_input,
+                normalize=False,
+            )
+            full = _gather_stack(ns_input.view(len(params), *local_shape), mesh, placements, shape)
+            del ns_input
+            row_placements = row_state_placements(params[0], stack=False)
+            rows_full = {
+                key: _gather_stack(
+                    torch.stack([local_tensor(state[p][key]) for p in params]), mesh, row_placements, (m,)
+                )
+                for key in keys
+            }
+            direction = torch.empty((len(params), m, n), dtype=rule.direction_dtype(group, dtype), device=device)
+            mine = [k for k, q in enumerate(owner_of) if q == rank]
+            if mine:
+                lo, hi = mine[0], mine[-1] + 1
+                orthogonal = compute.orthogonalize(full.view(len(params), m, n)[lo:hi], normalized=False)
+                row_states = {key: list(t[lo:hi]) for key, t in rows_full.items()}
+                direction[lo:hi] = compute.direction(orthogonal, row_states)
+                del orthogonal
+            del full
+            for q in sorted(set(owner_of)):
+                lo = owner_of.index(q)
+                hi = lo + owner_of.count(q)
+                src = dist.get_global_rank(process_group, q)
+                pending.append(_broadcast(direction[lo:hi], src, process_group))
+                for key in keys:
+                    pending.append(_broadcast(rows_full[key][lo:hi], src, process_group))
+            pending.append(_apply_gathered(compute, state, params, direction, rows_full, mesh, placements,
+                                           row_placements, shape_scale(group["scale_mode"], m, n)))
+        for finish in pending:
+            finish()
+
+
+def _apply_gathered(compute: Any, state: Any, params: list[Tensor], direction: Tensor, rows_full: dict,
+                    mesh: Any, placements: Sequence[Any], row_placements: Sequence[Any],
+                    scale: float) -> Callable[[], None]:
+    """The step of this rank's shards, once the direction's broadcasts are done (a pending finish)."""
+
+    def finish() -> None:
+        shape = tuple(params[0].shape)
+        local = _local_of_stack(direction.view(len(params), *shape), mesh, placements)
+        if params and local[0].numel():
+            compute.apply_direction([local_tensor(p) for p in params],
+                                    local.reshape(len(params), 1, -1).contiguous(), scale)
+        for key, t in rows_full.items():
+            new_rows = _local_of_stack(t, mesh, row_placements)
+            for k, p in enumerate(params):
+                local_tensor(state[p][key]).copy_(new_rows[k])
+
+    return finish

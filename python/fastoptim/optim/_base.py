@@ -54,7 +54,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import _validation as check
 from .. import backends, distributed
-from .._geometry import MATRIX_VIEWS, SCALE_MODES, matrix_form
+from .._geometry import MATRIX_VIEWS, SCALE_MODES, matrix_form, reads_as_stack
 from ..coefficients import resolve
 from . import _engine
 
@@ -144,12 +144,23 @@ def split_named(params: object) -> tuple[list[Tensor], list[str] | None]:
 @torch.compiler.disable
 def adamw_group_step(state: dict, group: dict[str, Any]) -> None:
     """One AdamW step over a group's parameters that have gradients, with torch.optim.adamw.adamw
-    (fused when every parameter is on CUDA, foreach otherwise). State: exp_avg, exp_avg_sq, step."""
-    params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+    (fused when every parameter is on CUDA, foreach otherwise). State: exp_avg, exp_avg_sq, step.
+    Plain tensors and DTensors of each placement go in separate calls (foreach kernels cannot mix them:
+    tensor parallelism leaves Shard, Replicate and plain biases in one group)."""
     with_grad = [p for p in group["params"] if p.grad is not None]
     if not with_grad:
         return
     fused = all(p.device.type == "cuda" for p in with_grad)
+    kinds: dict[Any, list[Tensor]] = {}
+    for p in with_grad:
+        key = (p.device_mesh, tuple(p.placements)) if distributed.is_dtensor(p) else None
+        kinds.setdefault(key, []).append(p)
+    for params in kinds.values():
+        _adamw(state, group, params, fused)
+
+
+def _adamw(state: dict, group: dict[str, Any], with_grad: list[Tensor], fused: bool) -> None:
+    params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
     for p in with_grad:
         st = state[p]
         if len(st) == 0:
@@ -211,6 +222,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self._process_group = distributed.check_process_group(process_group)
         self._replicated = distributed.ReplicatedLayout()
         self._sharded = distributed.ShardedLayout()
+        self._gathered = distributed.GatheredLayout()
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -218,6 +230,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_process_group", "auto")
         self.__dict__.setdefault("_replicated", distributed.ReplicatedLayout())
         self.__dict__.setdefault("_sharded", distributed.ShardedLayout())
+        self.__dict__.setdefault("_gathered", distributed.GatheredLayout())
 
     # -- groups ------------------------------------------------------------------------------------
 
@@ -322,7 +335,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
             full = {**self.defaults, **group, "params": [params[i] for i in idx]}
             self._validate_group(full)
             if flag:
-                distributed.check_placements(full["params"], None if names is None else [names[i] for i in idx])
+                distributed.check_placements(
+                    full["params"],
+                    None if names is None else [names[i] for i in idx],
+                    stack_of=lambda p, view=full["matrix_view"]: reads_as_stack(p.shape, view),
+                    split_sizes=full.get("split_sizes"),
+                )
             groups.append(group)
         for group in groups:
             super().add_param_group(group)
@@ -360,6 +378,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
         compute = _engine.Compute(self, group, plan.schedule)
         for mesh, buckets in plan.sharded.items():
             self._sharded.run(compute, self.state, buckets, mesh)
+        for mesh, buckets in plan.gathered.items():
+            self._gathered.run(compute, self.state, buckets, mesh)
         for bucket in plan.local:
             _engine.run_local(compute, self.state, bucket)
         if plan.replicated:

@@ -86,6 +86,7 @@ class GroupPlan(NamedTuple):
     replicated: list[Bucket]  # plain tensors replicated over `process_group`
     process_group: Any
     sharded: dict[Any, list[tuple[tuple[int, int, torch.dtype, torch.device], list[int]]]]  # mesh -> buckets
+    gathered: dict[Any, list[tuple[tuple, list[int]]]]  # mesh -> buckets keyed (m, n, dtype, device, placements)
 
 
 local = distributed.local_tensor
@@ -115,16 +116,21 @@ def bucket_units(
 def plan_group(group: dict, process_group: Any) -> GroupPlan:
     """Sort a matrix group's parameters by layout and bucket them; raises before anything changes."""
     schedule = resolve(group["coefficients"], group["ns_steps"])
-    plain, banks, rows_sharded = [], [], {}
+    plain, banks, rows_sharded, gathered = [], [], {}, {}
     for i, p in enumerate(group["params"]):
         if p.grad is None:
             continue
         if distributed.is_dtensor(p):
             distributed.check_grad_placement(p, i)
-            if reads_as_stack(p.shape, group["matrix_view"]):
-                banks.append(i)  # Shard(0) of a stack holds whole matrices: no communication
-            else:
+            kind = distributed.layout_kind(p, reads_as_stack(p.shape, group["matrix_view"]))
+            if kind == "local":
+                banks.append(i)  # a stack sharded on its batch dimensions holds whole matrices: no communication
+            elif kind == "rows":
                 rows_sharded.setdefault(p.device_mesh, []).append(i)
+            else:
+                _, m, n = matrix_form(p.shape, group["matrix_view"])
+                key = (m, n, p.dtype, local(p).device, tuple(p.placements))
+                gathered.setdefault(p.device_mesh, {}).setdefault(key, []).append(i)
         else:
             plain.append(i)
     replicate = distributed.replicate_group(process_group)
@@ -143,6 +149,7 @@ def plan_group(group: dict, process_group: Any) -> GroupPlan:
         bucket_units(group, plain, schedule) if replicate is not None else [],
         replicate,
         sharded,
+        {mesh: list(by_key.items()) for mesh, by_key in gathered.items()},
     )
 
 
@@ -238,7 +245,7 @@ def init_state(rule: MatrixRule, group: dict, state: Any, indices: Sequence[int]
         st["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         batch, m, _ = matrix_form(p.shape, group["matrix_view"])
         for key, full in rule.init_row_state(p, batch, m).items():
-            st[key] = distributed.shard_rows_like(p, full)
+            st[key] = distributed.shard_rows_like(p, full, stack=bool(batch))
 
 
 def precheck_backends(group: dict, plan: GroupPlan) -> None:
