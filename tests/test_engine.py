@@ -282,7 +282,7 @@ def test_a_step_with_tensor_lr_is_captured_in_a_cuda_graph(cls):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt.step()
-    for step, value in enumerate((0.01, 0.005, 0.0025)):
+    for value in (0.01, 0.005, 0.0025):
         for g in grads:
             g.copy_(torch.randn_like(g))
         lr.fill_(value)
