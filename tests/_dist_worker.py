@@ -199,6 +199,113 @@ def run_checkpoint(name: str, rank: int, world: int, out_dir: str, results: dict
     results[f"checkpoint_{name}"] = _full_params(model)
 
 
+class Bf16Linear(nn.Module):
+    """A bfloat16 weight in a float32 model (FSDP2 unshards it inside this module's forward)."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter((torch.randn(features, features) / features**0.5).to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight.float())
+
+
+class ReshardNet(nn.Module):
+    """For resharded resume: a bfloat16 matrix, an expert bank, and a layer that gets no gradient before
+    the checkpoint (`late`, used from step 2 on)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1 = nn.Linear(9, 16)
+        self.low = Bf16Linear(16)
+        self.late = nn.Linear(16, 7, bias=False)
+        self.head = nn.Linear(16, 7)
+        self.experts = nn.Parameter(torch.randn(4, 4, 4) * 0.5)
+        self.use_late = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.fc1(x.flatten(1)))
+        h = torch.tanh(self.low(h))
+        out = self.head(h) + torch.einsum("bei,eoi->beo", h.view(-1, 4, 4), self.experts).flatten(1)[:, :7]
+        return out + self.late(h) if self.use_late else out
+
+
+RESHARD_SAVE_AT = 2
+
+
+def reshard_model(fsdp: bool, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+    net = ReshardNet(seed)
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for module in (net.fc1, net.low, net.late, net.head):
+            fully_shard(module)
+        fully_shard(net)
+    named = dict(net.named_parameters())
+    opt = NorMuon(
+        [
+            {"params": [(k, v) for k, v in named.items() if v.dim() >= 2], "use_muon": True},
+            {"params": [(k, v) for k, v in named.items() if v.dim() < 2], "use_muon": False},
+        ],
+        lr=0.02,
+        weight_decay=0.1,
+        adamw_lr=1e-2,
+    )
+    return net, opt
+
+
+def train_reshard(model: nn.Module, opt, start: int, stop: int) -> None:
+    """Every rank takes the whole batch: FSDP2 then averages identical gradients, which is exact (also in
+    bfloat16, where splitting the batch would round the reduced gradient of the bf16 matrix differently
+    from one process), so resumed runs must equal one process to optimizer rounding alone."""
+    for step in range(start, stop):
+        model.use_late = step >= RESHARD_SAVE_AT
+        x, y = batch(step)
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+
+
+def save_checkpoint(model: nn.Module, opt, path: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+
+
+def load_checkpoint(model: nn.Module, opt, path: str) -> None:
+    """Into any layout (the state is keyed by parameter name); the `late` layer has no state saved."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+
+
+def run_reshard(rank: int, world: int, shared: str, results: dict) -> None:
+    """Resume at this world size from checkpoints saved in one process and (at 4 ranks) at 2 ranks; at 2
+    and 4 ranks, save one for the others."""
+    for source in ("from1", "from2") if world == 4 else ("from1",):
+        model, opt = reshard_model(fsdp=True, seed=1)  # other weights: the checkpoint brings everything back
+        load_checkpoint(model, opt, os.path.join(shared, source))
+        train_reshard(model, opt, RESHARD_SAVE_AT, STEPS)
+        results[f"reshard_{source}"] = _full_params(model)
+    model, opt = reshard_model(fsdp=True)
+    train_reshard(model, opt, 0, RESHARD_SAVE_AT)
+    save_checkpoint(model, opt, os.path.join(shared, f"from{world}"))
+    train_reshard(model, opt, RESHARD_SAVE_AT, STEPS)
+    results["reshard_uninterrupted"] = _full_params(model)
+
+
 def run_placements(world: int, results: dict) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
@@ -286,6 +393,7 @@ def run_fsdp_tp(name: str, rank: int, world: int, results: dict) -> None:
 
 def main() -> None:
     rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    shared = sys.argv[5] if len(sys.argv) > 5 else None
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     torch.set_num_threads(1)
@@ -299,6 +407,8 @@ def main() -> None:
             for name in ("normuon", "muon"):
                 run_checkpoint(name, rank, world, out_dir, results)
             run_placements(world, results)
+            if shared is not None:
+                run_reshard(rank, world, shared, results)
             for name in MATRIX_OPTIMIZERS:
                 run_hsdp(name, rank, world, results)
                 run_tp(name, rank, world, results)
