@@ -227,6 +227,9 @@ def test_tensor_parallel_matches_one_process(ranks, name):
     assert ranks[0]["tp_placements"]["fc2.weight"] == "(Shard(dim=1),)"
     for result in ranks:
         _assert_close(result[f"tp_{name}"], want)
+    for other in ranks[1:]:
+        for k, v in ranks[0][f"tp_{name}"].items():
+            assert torch.equal(v, other[f"tp_{name}"][k]), k
 
 
 @needs_fsdp2_on_gloo
@@ -239,6 +242,9 @@ def test_fsdp_plus_tensor_parallel_matches_one_process(ranks, name):
     assert placements["fc2.weight"].endswith("Shard(dim=1))") and placements["fc1.weight"].endswith("Shard(dim=0))")
     for result in ranks:
         _assert_close(result[f"fsdp_tp_{name}"], want)
+    for other in ranks[1:]:
+        for k, v in ranks[0][f"fsdp_tp_{name}"].items():
+            assert torch.equal(v, other[f"fsdp_tp_{name}"][k]), k
 
 
 def test_work_is_balanced_by_flops_not_by_count():

@@ -19,7 +19,7 @@ Replicated — plain tensors while torch.distributed is initialized with more th
     rank ends the step with bit-identical parameters and state, so any rank's ``state_dict()`` is a
     complete single-process state dict.
 
-Sharded — DTensor parameters placed ``[Shard(0)]`` on a 1-D mesh (FSDP2 ``fully_shard``)
+Sharded — DTensor parameters (FSDP2 ``fully_shard``, HSDP, tensor parallel, FSDP + TP)
     - Expert banks (read as stacks of matrices, ``matrix_view``): Shard(0) splits the experts, so every
       rank holds whole matrices and steps them locally: no communication.
     - Matrices (2-D, flattened conv kernels): shards follow torch.chunk (ceil(m/W) rows per rank, the last
@@ -34,8 +34,12 @@ Sharded — DTensor parameters placed ``[Shard(0)]`` on a 1-D mesh (FSDP2 ``full
       a second all-to-all returns each rank the rows of D (and of the new ``second_moment``), which it
       applies with one multi-tensor ``muon_apply_stack_`` per bucket. The all-to-all of bucket b+1 runs
       while bucket b is orthogonalized.
-    Any other placement (Shard(1), Replicate, Partial, a 2-D mesh) is refused at construction with a
-    ValueError naming the parameter.
+    - Any other mix of Shard, _StridedShard and Replicate on any mesh (`GatheredLayout`): HSDP
+      (Replicate, Shard(0)), ColwiseParallel Shard(0) / RowwiseParallel Shard(1), FSDP + TP; the whole
+      matrices are all-gathered in ns_dtype, owners over every rank of the mesh orthogonalize and
+      broadcast the direction, every rank applies its shards.
+    Partial placements, split_sizes with a gathered layout and a stack sharded inside its matrices are
+    refused at construction with a ValueError naming the parameter.
 
 AdamW groups and SophiaG are elementwise and run on each rank's local shard (torch's foreach AdamW
 takes DTensors; Sophia's ops get `local_tensor` views): no communication; their gradients are the ones
@@ -53,10 +57,15 @@ of matrix i on rank r, ~m_i/W; "owned" by the rank from `assign_work`):
 - Replicated (DDP): rank q receives Σ_{i not owned by q} (m_i·n_i·b_p + m_i·r) and (ring/tree broadcast)
   forwards about as much: on average (1 - 1/W)·Σ_i (m_i·n_i·b_p + m_i·r) each way — one all-gather of the
   matrix parameters, half of DDP's own gradient all-reduce for them (2·(1 - 1/W)·Σ_i m_i·n_i·b_grad).
-- Sharded (FSDP2): rank q sends Σ_{i not owned} rows_iq·n_i·b_p + Σ_{i owned} (m_i - rows_iq)·n_i·b_d and
-  receives Σ_{i owned} (m_i - rows_iq)·n_i·b_p + Σ_{i not owned} rows_iq·n_i·b_d (plus the same with
-  n_i·b → r for the ``second_moment`` rows): on average (1/W)·(1 - 1/W)·Σ_i m_i·(n_i·(b_p + b_d) + 2r)
-  each way — about (b_p + b_d)/(W·b_p) of one FSDP2 all-gather of the same matrices.
+- Sharded (FSDP2, 1-D Shard(0)): rank q sends Σ_{i not owned} rows_iq·n_i·b_ns + Σ_{i owned}
+  (m_i - rows_iq)·n_i·b_d and receives Σ_{i owned} (m_i - rows_iq)·n_i·b_ns + Σ_{i not owned} rows_iq·n_i·b_d
+  (b_ns: ns_dtype's size; plus the same with n_i·b → r for the ``second_moment`` rows): on average
+  (1/W)·(1 - 1/W)·Σ_i m_i·(n_i·(b_ns + b_d) + 2r) each way — about (b_ns + b_d)/(W·b_p) of one FSDP2
+  all-gather of the same matrices.
+- HSDP / TP / FSDP + TP (`GatheredLayout`): an all-gather of the ns_dtype input over the S ranks holding
+  shards of a matrix, (1 - 1/S)·Σ_i m_i·n_i·b_ns received, and the owners' broadcasts of the direction
+  and row statistics, (1 - 1/W)·Σ_i (m_i·n_i·b_d + m_i·r), W the ranks of the mesh. Expert banks sharded
+  on their expert dimension: 0.
 - AdamW and SophiaG parameters: 0 in both modes. SophiaH (replicated): one all-reduce of its gradients
   per step, 2·(1 - 1/W)·Σ numel·b_grad as DDP's, and one of the Hutchinson estimates per refresh.
 - Once per new bucket layout (the first step): one all_gather_object of the layout, so that ranks that
