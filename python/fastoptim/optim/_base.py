@@ -57,6 +57,7 @@ from .. import backends, distributed
 from .._geometry import MATRIX_VIEWS, SCALE_MODES, matrix_form, reads_as_stack
 from ..coefficients import resolve
 from . import _engine
+from ._checkpoint import CopyableOptimizer, load_checked
 
 # Group keys that belong to AdamW, and the optimizer default each one falls back to.
 _ADAMW_KEYS = {
@@ -202,7 +203,19 @@ def _adamw(state: dict, group: dict[str, Any], with_grad: list[Tensor], fused: b
 # The base class of Muon and NorMuon
 
 
-class MatrixOptimizer(torch.optim.Optimizer):
+def expected_state_shape(group: dict, p: Tensor, key: str) -> tuple[int, ...] | None:
+    """The shape each state tensor of a Muon-family optimizer has (None: not a state key of ours)."""
+    if key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+        return tuple(p.shape)
+    if key == "second_moment":
+        batch, m, _ = matrix_form(p.shape, group.get("matrix_view", "auto"))
+        return (*batch, m)
+    if key == "step":
+        return ()
+    return None
+
+
+class MatrixOptimizer(CopyableOptimizer, torch.optim.Optimizer):
     """Muon-family optimizer: matrix groups through the bucket engine (`fastoptim.optim._engine`), AdamW
     groups through torch's AdamW. A subclass is the engine's rule: ``row_state_keys``,
     ``init_row_state``, ``apply_bucket``, ``direction_bucket`` and ``direction_dtype``."""
@@ -405,8 +418,13 @@ class MatrixOptimizer(torch.optim.Optimizer):
     # -- checkpoints -------------------------------------------------------------------------------
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's load_state_dict, except that float32 statistics (`_float32_state_keys`) of
-        low-precision parameters keep their float32 values instead of being cast to the parameter dtype."""
+        """torch's load_state_dict, checked first (every state tensor's shape, kind and finiteness against
+        its parameter; a refused checkpoint changes nothing), keeping this optimizer's ``backend``, and
+        with float32 statistics (`_float32_state_keys`) of low-precision parameters kept in float32
+        instead of being cast to the parameter dtype."""
+        load_checked(self, state_dict, expected_state_shape, self._load_unchecked)
+
+    def _load_unchecked(self, state_dict: dict[str, Any]) -> None:
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         id_map = dict(zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)))
         exact = [

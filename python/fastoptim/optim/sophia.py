@@ -33,6 +33,7 @@ from .. import distributed
 from ..distributed import local_tensor
 from ..ops import hessian_ema_, sophia_step_
 from ._base import check_backend, check_betas, check_grads, check_params, check_positive_int
+from ._checkpoint import CopyableOptimizer, load_checked
 
 
 def _by_device(items: list[tuple[Tensor, ...]]) -> dict[torch.device, list[tuple[Tensor, ...]]]:
@@ -48,7 +49,11 @@ def _describe(value: object) -> str:
     return type(value).__name__
 
 
-class _Sophia(torch.optim.Optimizer):
+def _expected_shape(group: dict, p: Tensor, key: str) -> tuple[int, ...] | None:
+    return tuple(p.shape) if key in ("exp_avg", "hessian") else None
+
+
+class _Sophia(CopyableOptimizer, torch.optim.Optimizer):
     """Shared by SophiaG and SophiaH: validation, state, the clipped step."""
 
     def _validate_group(self, group: dict[str, Any], where: str = "") -> None:
@@ -72,6 +77,11 @@ class _Sophia(torch.optim.Optimizer):
             self._check_params(params)
             self._validate_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load_state_dict, checked first (state shapes, kinds and finiteness; a refused checkpoint
+        changes nothing), keeping this optimizer's ``backend``."""
+        load_checked(self, state_dict, _expected_shape, super().load_state_dict)
 
     def _check_params(self, params: list) -> None:
         """What a subclass refuses beyond check_params (params: tensors or (name, tensor) pairs)."""
