@@ -99,8 +99,14 @@ def resolve(coefficients: str | Sequence[Sequence[float]] | Schedule = "jordan",
     """
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0):
         raise ValueError(f"steps must be None or an integer >= 0, got {steps!r}")
-    if isinstance(coefficients, Schedule):
-        table, safety = coefficients.triples, coefficients.safety
+    if isinstance(coefficients, Schedule):  # validated like the other forms: a Schedule is a plain dataclass
+        if isinstance(coefficients.triples, (str, bytes)) or not isinstance(coefficients.triples, Sequence):
+            raise ValueError(f"coefficients.triples must be a sequence of (a, b, c), got {coefficients.triples!r}")
+        table = tuple(_as_triple(i, item) for i, item in enumerate(coefficients.triples))
+        safety = coefficients.safety
+        if isinstance(safety, bool) or not isinstance(safety, numbers.Real) or not math.isfinite(safety) or safety <= 0:
+            raise ValueError(f"coefficients.safety must be a finite number > 0, got {safety!r}")
+        safety = float(safety)
         default_steps = len(table)
     elif isinstance(coefficients, str):
         if coefficients not in NAMED:
