@@ -190,6 +190,48 @@ def test_interrupt_leaves_finished_results_written(tmp_path, monkeypatch):
     assert (out / "loss_curves.png").exists() and (out / "summary.csv").exists()
 
 
+def test_interrupt_during_a_result_write_is_held_until_the_files_are_complete(tmp_path, monkeypatch):
+    """Ctrl-C arriving while results are written (here: raised by the OS as SIGINT in the middle of the
+    write) waits until the write is done; every finished run's files are complete."""
+    import os
+    import signal
+
+    from fastoptim.compare import cli as command
+    from fastoptim.compare import report
+
+    real_write = report.write_all
+    calls = []
+
+    def write_with_sigint(out, runs, config, title):
+        calls.append(len(runs))
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered only after this write
+        return real_write(out, runs, config, title)
+
+    monkeypatch.setattr(command.report, "write_all", write_with_sigint)
+    out = tmp_path / "held"
+    code = cli.main(["compare", "--quick", "--steps", "4", "--optimizers", "adamw,muon", "--out", str(out)])
+    assert code == 130
+    results = json.loads((out / "results.json").read_text())
+    assert [run["status"] for run in results["runs"]] == ["finished"]
+    assert not list(out.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("kind", ["file", "unwritable"])
+def test_out_that_cannot_hold_results_is_a_usage_error(kind, tmp_path, capsys):
+    target = tmp_path / "target"
+    if kind == "file":
+        target.write_text("not a folder")
+        out, message = target, "not a folder"
+    else:
+        out, message = target / "sub", "cannot"
+        target.write_text("a file where a parent folder should be")
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(["compare", "--quick", "--out", str(out)])
+    assert excinfo.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_every_optimizer_has_a_default_rate():
     from fastoptim.compare.train import PRESETS
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import signal
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -167,19 +170,51 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         if device.type == "cpu" or args.threads:
             torch.set_num_threads(args.threads or 1)
-        return _compare(args, device)
+        return _compare(args, device, _output_folder(parser, args.out))
     finally:
         torch.set_num_threads(threads)  # cli.main may be called in-process (tests): leave torch as found
 
 
-def _compare(args: argparse.Namespace, device: torch.device) -> int:
+def _output_folder(parser: argparse.ArgumentParser, out: Path | None) -> Path:
+    """--out (or runs/compare-<timestamp>), created and checked writable: a usage error (exit 2) if not."""
+    out = out or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        parser.error(f"--out {out}: exists and is not a folder")
+    except OSError as error:
+        parser.error(f"--out {out}: cannot create the folder ({error.strerror or error})")
+    try:  # root passes os.access everywhere: try a real write
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        parser.error(f"--out {out}: cannot write there ({error.strerror or error})")
+    return out
+
+
+@contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Hold Ctrl-C back while result files are written (each is atomic already: temp file + rename), then
+    deliver it: an interrupt never leaves a run's results half-written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            raise KeyboardInterrupt
+
+
+def _compare(args: argparse.Namespace, device: torch.device, out: Path) -> int:
     preset_name = "quick" if args.quick else ("cuda" if device.type == "cuda" else "cpu")
     preset = PRESETS[preset_name]
     steps = args.steps or preset.steps
     preset = replace(preset, eval_every=min(preset.eval_every, steps))
     rates = {name: getattr(args, f"lr_{name}") or preset.learning_rates[name] for name in OPTIMIZERS}
-    out = args.out or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
 
     tokens = data.corpus_tokens()
     experiment = Experiment(
@@ -223,24 +258,29 @@ def _compare(args: argparse.Namespace, device: torch.device) -> int:
 
     runs: list[RunResult] = []
     failures = 0
-    with progress_reporter(len(args.optimizers)) as start:
-        for name in args.optimizers:
-            result = RunResult(name, "", rates[name], rates["adamw"], steps)
-            runs.append(result)
-            try:
-                train(experiment, result, on_step=start(result))
-            except KeyboardInterrupt:
+    try:
+        with progress_reporter(len(args.optimizers)) as start:
+            for name in args.optimizers:
+                result = RunResult(name, "", rates[name], rates["adamw"], steps)
+                runs.append(result)
+                try:
+                    train(experiment, result, on_step=start(result))
+                except (RuntimeError, TypeError, ValueError) as error:
+                    # An optimizer that cannot be built here (missing from this fastoptim) must not cost the rest.
+                    result.status = f"error: {error}"
+                    failures += 1
+                    print(f"{result.name} failed: {error}", file=sys.stderr)
+                with _uninterrupted():
+                    report.write_all(out, runs, config, title)
+    except KeyboardInterrupt:  # at any moment: in a run, between runs, or held back during a write
+        for result in runs:
+            if result.status == "running":
                 result.status = "interrupted"
-                report.write_all(out, runs, config, title)
-                print(report.render_table(runs, title))
-                print(f"interrupted: results of what finished are in {out}", file=sys.stderr)
-                return 130
-            except (RuntimeError, TypeError, ValueError) as error:
-                # An optimizer that cannot be built here (missing from this fastoptim) must not cost the rest.
-                result.status = f"error: {error}"
-                failures += 1
-                print(f"{result.name} failed: {error}", file=sys.stderr)
+        with _uninterrupted():
             report.write_all(out, runs, config, title)
+        print(report.render_table(runs, title))
+        print(f"interrupted: results of what finished are in {out}", file=sys.stderr)
+        return 130
     print(report.render_table(runs, title))
     for path in (report.RESULTS_JSON, report.SUMMARY_CSV, report.CURVES_CSV, report.PLOT_PNG):
         print(f"  {out / path}")
