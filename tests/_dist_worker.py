@@ -333,6 +333,23 @@ def run_placements(world: int, results: dict) -> None:
     results["adamw_partial_accepted"] = True
 
 
+def run_skip_nonfinite(rank: int, world: int, results: dict) -> None:
+    """FSDP2: a NaN in rank 0's gradient shard only; with skip_nonfinite every rank skips the step."""
+    model = _fsdp_net()
+    opt = NorMuon(groups(model), ns_dtype=torch.float32, skip_nonfinite=True)
+    train(model, opt, "normuon", 1, rank=rank, world=world)
+    before = _full_params(model)
+    x, y = batch(1)
+    share = slice(rank * (GLOBAL_BATCH // world), (rank + 1) * (GLOBAL_BATCH // world))
+    opt.zero_grad()
+    ((model(x[share]) - y[share]) ** 2).mean().backward()
+    if rank == 0:
+        dict(model.named_parameters())["fc2.weight"].grad.to_local().view(-1)[0] = float("nan")
+    opt.step()
+    after = _full_params(model)
+    results["skip_nonfinite_unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
+
+
 MATRIX_OPTIMIZERS = ("muon", "normuon", "muon_bf16", "normuon_bf16")
 
 
@@ -407,6 +424,7 @@ def main() -> None:
             for name in ("normuon", "muon"):
                 run_checkpoint(name, rank, world, out_dir, results)
             run_placements(world, results)
+            run_skip_nonfinite(rank, world, results)
             if shared is not None:
                 run_reshard(rank, world, shared, results)
             for name in MATRIX_OPTIMIZERS:

@@ -300,3 +300,9 @@ def test_resharded_resume_continues_like_an_uninterrupted_run(ranks, tmp_path_fa
 def _moved_from(want: dict, start: torch.nn.Module) -> None:
     for k, v in start.named_parameters():
         assert (want[k].float() - v.float()).abs().max() > 1e-4, k
+
+
+@needs_fsdp2_on_gloo
+def test_skip_nonfinite_agrees_on_every_rank(ranks):
+    """A NaN in one rank's gradient shard: every rank skips (a MIN all-reduce of the finite flag)."""
+    assert all(result["skip_nonfinite_unchanged"] for result in ranks)

@@ -58,6 +58,7 @@ from .._geometry import MATRIX_VIEWS, SCALE_MODES, matrix_form, reads_as_stack
 from ..coefficients import resolve
 from . import _engine
 from ._checkpoint import CopyableOptimizer, load_checked
+from ._nonfinite import NonFiniteGuard
 
 # Group keys that belong to AdamW, and the optimizer default each one falls back to.
 _ADAMW_KEYS = {
@@ -160,8 +161,10 @@ def adamw_group_step(state: dict, group: dict[str, Any]) -> None:
         _adamw(state, group, params, fused)
 
 
-def _adamw(state: dict, group: dict[str, Any], with_grad: list[Tensor], fused: bool) -> None:
-    params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+def init_adamw_state(state: dict, group: dict[str, Any]) -> None:
+    """AdamW state of the group's parameters with gradients that have none yet (zeros, step 0)."""
+    with_grad = [p for p in group["params"] if p.grad is not None]
+    fused = bool(with_grad) and all(p.device.type == "cuda" for p in with_grad)
     for p in with_grad:
         st = state[p]
         if len(st) == 0:
@@ -170,6 +173,13 @@ def _adamw(state: dict, group: dict[str, Any], with_grad: list[Tensor], fused: b
             st["step"] = torch.zeros((), dtype=_get_scalar_dtype(is_fused=fused), device=step_device)
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _adamw(state: dict, group: dict[str, Any], with_grad: list[Tensor], fused: bool) -> None:
+    init_adamw_state(state, {"params": with_grad})
+    params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+    for p in with_grad:
+        st = state[p]
         step_device = p.device if fused else torch.device("cpu")
         if st["step"].device != step_device:  # after loading a checkpoint saved on another device
             st["step"] = st["step"].to(step_device, torch.float32 if fused else st["step"].dtype)
@@ -230,6 +240,7 @@ class MatrixOptimizer(CopyableOptimizer, torch.optim.Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any], process_group: Any = "auto") -> None:
         defaults.setdefault("matrix_view", "auto")
         defaults.setdefault("state_dtype", None)
+        check.boolean("skip_nonfinite", defaults.setdefault("skip_nonfinite", False))
         self._validate_matrix_hyper(defaults, "")
         self._validate_adamw_hyper({key: defaults[src] for key, src in _ADAMW_KEYS.items()}, "adamw_")
         self._process_group = distributed.check_process_group(process_group)
@@ -378,11 +389,22 @@ class MatrixOptimizer(CopyableOptimizer, torch.optim.Optimizer):
             if group["use_muon"]:
                 plans[g] = _engine.plan_group(group, self._process_group)
                 _engine.precheck_backends(group, plans[g])
+        guard = None
+        if self.defaults["skip_nonfinite"]:
+            for group in self.param_groups:
+                if group["use_muon"]:
+                    indices = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+                    _engine.init_state(self, group, self.state, indices)
+                else:
+                    init_adamw_state(self.state, group)
+            guard = NonFiniteGuard(self.param_groups, self.state, self._process_group)
         for g, group in enumerate(self.param_groups):
             if group["use_muon"]:
                 self._matrix_group_step(group, plans[g])
             else:
                 adamw_group_step(self.state, group)
+        if guard is not None:
+            guard.restore_if_nonfinite()
         return loss
 
     def _matrix_group_step(self, group: dict[str, Any], plan: _engine.GroupPlan) -> None:

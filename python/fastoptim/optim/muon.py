@@ -66,6 +66,7 @@ class Muon(MatrixOptimizer):
         split_sizes: Sequence[int] | None = None,
         matrix_view: str = "auto",
         state_dtype: torch.dtype | None = None,
+        skip_nonfinite: bool = False,
         process_group: Any = "auto",
     ) -> None:
         defaults = dict(
@@ -86,6 +87,7 @@ class Muon(MatrixOptimizer):
             split_sizes=split_sizes,
             matrix_view=matrix_view,
             state_dtype=state_dtype,
+            skip_nonfinite=skip_nonfinite,
         )
         super().__init__(params, defaults, process_group)
 

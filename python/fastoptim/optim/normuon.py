@@ -53,6 +53,7 @@ class NorMuon(MatrixOptimizer):
         split_sizes: Sequence[int] | None = None,
         matrix_view: str = "auto",
         state_dtype: torch.dtype | None = None,
+        skip_nonfinite: bool = False,
         beta2: float = 0.95,
         eps: float = 1e-10,
         process_group: Any = "auto",
@@ -75,6 +76,7 @@ class NorMuon(MatrixOptimizer):
             split_sizes=split_sizes,
             matrix_view=matrix_view,
             state_dtype=state_dtype,
+            skip_nonfinite=skip_nonfinite,
             beta2=beta2,
             eps=eps,
         )
