@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import types
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import fastoptim
-from fastoptim import backends, cli, ops
+from fastoptim import _registry, backends, cli, ops
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -100,12 +101,11 @@ def test_fastoptim_backend_env_forces_a_backend(monkeypatch):
 
 
 def test_missing_kernel_is_reported(monkeypatch):
-    import types
-
     for name in backends.NAMES:
         monkeypatch.setitem(backends._STATUS, name, lambda name=name: backends.BackendStatus(name, True, "pretend"))
-    monkeypatch.setattr(backends, "_module", lambda name: types.SimpleNamespace(OPS={}))
-    with pytest.raises(fastoptim.BackendUnavailableError, match="no newton_schulz kernel"):
+    monkeypatch.setattr(backends, "_module", lambda name: None)
+    monkeypatch.setattr(_registry, "_KERNELS", {})  # no backend registered anything
+    with pytest.raises(fastoptim.BackendUnavailableError, match="the cuda backend has no newton_schulz kernel"):
         backends.select("newton_schulz", "cuda", torch.device("cuda"))
 
 
@@ -159,6 +159,13 @@ def opcheck_cases():
                                [torch.randn_like(t) for t in lists], [torch.rand_like(t) for t in lists],
                                torch.zeros(()), 0.1, 0.9, 0.04, 0.1, 1e-15, "torch")),
         (ops._hessian_ema_op, ([t.abs() for t in lists], [torch.rand_like(t) for t in lists], 0.99, "torch")),
+        (ops._muon_apply_stack_op, ([torch.randn(4, 6), torch.randn(2, 12)], torch.randn(2, 4, 6), 0.1, 0.01, None,
+                                    None, 1.5, True, "torch")),
+        (ops._muon_apply_stack_op, ([torch.randn(4, 6), torch.randn(2, 12)], torch.randn(2, 4, 6), 0.0, 0.0,
+                                    torch.tensor(0.1), torch.tensor(0.01), 1.5, False, "torch")),
+        (ops._normuon_step_stack_op, ([torch.randn(4, 6), torch.randn(2, 12)], torch.randn(2, 4, 6),
+                                      [torch.rand(4), torch.rand(2, 2)], 0.0, 0.01, torch.tensor(0.1), None, 0.95,
+                                      1e-8, 1.0, True, "torch")),
     ]
 
 
@@ -169,10 +176,21 @@ def test_opcheck(case):
 
 
 def test_ops_are_registered_under_fastoptim_namespace():
-    names = ("newton_schulz", "muon_momentum_", "muon_momentum_stack_", "muon_apply_", "normuon_step_",
-             "sophia_step_", "hessian_ema_")
-    for name in names:
-        assert hasattr(torch.ops.fastoptim, name)
+    public = [name for name in ops.__all__ if name != "check_call"]
+    assert sorted(_registry.op_specs()) == sorted(public)
+    for name, spec in _registry.op_specs().items():
+        assert getattr(torch.ops.fastoptim, name).default is spec.op._opoverload
+        assert getattr(ops, f"_{name.rstrip('_')}_op") is spec.op
+
+
+def test_public_functions_keep_their_signatures_and_docstrings():
+    assert list(inspect.signature(ops.muon_momentum_).parameters) == ["buf", "grad", "beta", "nesterov", "backend"]
+    assert inspect.signature(ops.sophia_step_).parameters["return_unclipped"].default is False
+    assert inspect.signature(ops.newton_schulz).parameters["compute_dtype"].default is torch.bfloat16
+    for name in _registry.op_specs():
+        function = getattr(fastoptim, name)
+        assert function.__name__ == name and function.__doc__
+        assert inspect.signature(function).parameters["backend"].default == "auto"
 
 
 def test_torch_compile_traces_the_ops_without_graph_breaks():
@@ -191,6 +209,235 @@ def test_torch_compile_traces_the_ops_without_graph_breaks():
     compiled(param, buf, grad)
     torch.testing.assert_close(param, eager[0])
     torch.testing.assert_close(buf, eager[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The op registry
+
+
+TRITON_RUNS = backends.available()["triton"].available
+
+
+def _load_available_backends() -> None:
+    for name, status in backends.available().items():
+        if status.available:
+            backends._module(name)
+
+
+def test_every_declared_op_has_a_torch_implementation():
+    backends._module("torch")
+    for name in _registry.op_specs():
+        kernel = _registry.kernel(name, "torch")
+        assert kernel is not None and callable(kernel.fn), name
+
+
+def test_every_registered_implementation_names_a_declared_op():
+    _load_available_backends()
+    registered = _registry.kernels()
+    assert {backend for _, backend in registered} >= {"torch"}
+    for op, backend in registered:
+        assert op in _registry.op_specs() and backend in backends.NAMES, (op, backend)
+    if TRITON_RUNS:  # every Triton family registered its kernels when the package was imported
+        assert {op for op, backend in registered if backend == "triton"} == set(_registry.op_specs())
+
+
+def test_registering_an_unknown_op_or_backend_raises(monkeypatch):
+    monkeypatch.setattr(_registry, "_KERNELS", dict(_registry._KERNELS))
+    with pytest.raises(ValueError, match="'muon_aply_', which is not a declared op"):
+        _registry.register_kernel("muon_aply_", "triton")
+    with pytest.raises(ValueError, match="backend_name must be one of"):
+        _registry.register_kernel("muon_apply_", "tpu")
+    backends._module("torch")
+    with pytest.raises(ValueError, match="muon_apply_ already has a torch kernel"):
+        _registry.register_kernel("muon_apply_", "torch")(lambda *args: None)
+
+
+def test_a_registered_kernel_is_what_the_op_runs(monkeypatch):
+    backends._module("torch")
+    monkeypatch.setattr(_registry, "_KERNELS", dict(_registry._KERNELS))
+    calls = []
+    original = _registry.kernel("muon_apply_", "torch")
+
+    def counting(*args):
+        calls.append(args)
+        original.fn(*args)
+
+    del _registry._KERNELS[("muon_apply_", "torch")]
+    assert _registry.register_kernel("muon_apply_", "torch", supports=original.supports)(counting) is counting
+    p = torch.randn(3, 4)
+    fastoptim.muon_apply_(p, torch.ones(3, 4), 0.5, backend="torch")
+    assert len(calls) == 1 and calls[0][0] is p and calls[0][2:] == (0.5, 0.0, 1.0, False)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: fastoptim.muon_apply_(torch.randn(3, 4), torch.randn(3, 4), 0.1, backend="tpu"),
+        lambda: fastoptim.hessian_ema_([], [], backend="tpu"),  # an empty list still checks backend
+        lambda: ops.check_call("muon_apply_", torch.randn(3, 4), torch.randn(3, 4), 0.1, backend="tpu"),
+        lambda: backends.select("muon_apply_", "tpu", torch.device("cpu")),
+        lambda: backends.check_backend_name("tpu"),
+        lambda: fastoptim.Muon([torch.nn.Parameter(torch.randn(3, 4))], backend="tpu"),
+    ],
+    ids=["op", "empty-list op", "check_call", "select", "check_backend_name", "optimizer"],
+)
+def test_one_backend_name_check_everywhere(call):
+    with pytest.raises(ValueError) as info:
+        call()
+    assert str(info.value) == "backend must be one of ('auto', 'cuda', 'triton', 'torch'), got 'tpu'"
+
+
+# ---------------------------------------------------------------------------------------------
+# check_call: an op's checks and backend choice, without running it
+
+
+def meta(*shape, dtype=torch.float32):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def meta_call(op: str, dtype: torch.dtype = torch.float32) -> tuple[tuple, dict]:
+    """Valid arguments of `op`, as meta stand-ins of `dtype` (second moments stay float32)."""
+    P, m, n = 3, 4, 6
+    matrices = [meta(m, n, dtype=dtype) for _ in range(P)]
+    stack = meta(P, m, n, dtype=dtype)
+    flat = [meta(7, dtype=dtype), meta(2, 5, dtype=dtype)]
+    return {
+        "newton_schulz": ((stack,), {"compute_dtype": torch.float32}),
+        "muon_momentum_": ((meta(m, n, dtype=dtype), meta(m, n, dtype=dtype)), {}),
+        "muon_momentum_stack_": ((matrices, [meta(m, n, dtype=dtype) for _ in range(P)], stack), {}),
+        "muon_apply_": ((meta(m, n, dtype=dtype), meta(m, n, dtype=dtype), 0.1), {"weight_decay": 0.01}),
+        "muon_apply_stack_": ((matrices, stack, meta()), {"weight_decay": 0.01}),  # a 0-dim tensor lr
+        "normuon_step_": ((meta(m, n, dtype=dtype), meta(m, n, dtype=dtype), meta(m), 0.1), {}),
+        "normuon_step_stack_": ((matrices, stack, [meta(m) for _ in range(P)], 0.1), {}),
+        "sophia_step_": ((flat, list(flat), list(flat), list(flat), 0.1), {"return_unclipped": True}),
+        "hessian_ema_": ((flat, list(flat)), {}),
+    }[op]
+
+
+OP_NAMES = sorted(_registry.op_specs())
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_check_call_takes_meta_stand_ins_for_every_op(op, monkeypatch):
+    monkeypatch.delenv("FASTOPTIM_BACKEND", raising=False)
+    args, kwargs = meta_call(op)
+    assert ops.check_call(op, *args, backend="auto", device=torch.device("cpu"), **kwargs) == "torch"
+    assert ops.check_call(op, *args, backend="torch", **kwargs) == "torch"  # the meta device itself
+    if TRITON_RUNS and not HAS_CUDA:  # the interpreter runs CPU tensors
+        assert ops.check_call(op, *args, backend="triton", device=torch.device("cpu"), **kwargs) == "triton"
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_gpu_predicates_take_meta_stand_ins_for_every_op(op, monkeypatch):
+    # Pretend the GPU backends run here: with device=cuda, meta stand-ins reach every cuda and Triton
+    # predicate, which answer from dtypes and strides alone (no data read).
+    pytest.importorskip("fastoptim._C", exc_type=ImportError)
+    pytest.importorskip("triton")
+    monkeypatch.delenv("FASTOPTIM_BACKEND", raising=False)
+    for name in ("cuda", "triton"):
+        monkeypatch.setitem(backends._STATUS, name, lambda name=name: backends.BackendStatus(name, True, "pretend"))
+    cuda = torch.device("cuda")
+    args, kwargs = meta_call(op)
+    assert ops.check_call(op, *args, device=cuda, **kwargs) == "cuda"
+    assert ops.check_call(op, *args, backend="triton", device=cuda, **kwargs) == "triton"
+    args, kwargs = meta_call(op, torch.float64)
+    if op == "newton_schulz":
+        kwargs["compute_dtype"] = torch.float64
+    assert ops.check_call(op, *args, device=cuda, **kwargs) == "torch"  # neither kernel takes float64
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error on a machine without a GPU")
+def test_check_call_for_cuda_says_the_extension_or_gpu_is_unavailable():
+    args, _ = meta_call("muon_apply_stack_")
+    with pytest.raises(fastoptim.BackendUnavailableError) as info:
+        ops.check_call("muon_apply_stack_", args[0], args[1], 0.1, backend="cuda", device=torch.device("cuda"))
+    message = str(info.value)
+    assert message.startswith("backend 'cuda' cannot run muon_apply_stack_ here: ")
+    assert "fastoptim._C" in message and ("no CUDA GPU" in message or "not built" in message or "rebuild" in message)
+
+
+@pytest.mark.skipif(not TRITON_RUNS or HAS_CUDA, reason="the Triton interpreter on CPU")
+def test_check_call_for_triton_under_the_interpreter():
+    params, updates = [meta(4, 6) for _ in range(3)], meta(3, 4, 6)
+    assert ops.check_call("muon_apply_stack_", params, updates, 0.1, backend="triton",
+                          device=torch.device("cpu")) == "triton"
+    wide = [meta(4, 6, dtype=torch.float64) for _ in range(3)]
+    with pytest.raises(fastoptim.BackendUnavailableError,
+                       match=r"params\[0\] has dtype torch.float64; the Triton kernels take float32"):
+        ops.check_call("muon_apply_stack_", wide, updates, 0.1, backend="triton", device=torch.device("cpu"))
+    strided = [meta(6, 4).mT for _ in range(3)]
+    with pytest.raises(fastoptim.BackendUnavailableError, match="is not contiguous"):
+        ops.check_call("muon_apply_stack_", strided, updates, 0.1, backend="triton", device=torch.device("cpu"))
+
+
+def test_check_call_asks_the_predicates_about_the_device_it_is_given(monkeypatch):
+    # Pretend the GPU backends run: the device override (not meta) decides which are asked, and their
+    # predicates answer from the stand-ins' dtypes and strides.
+    pytest.importorskip("fastoptim._C", exc_type=ImportError)
+    pytest.importorskip("triton")
+    monkeypatch.delenv("FASTOPTIM_BACKEND", raising=False)
+    for name in ("cuda", "triton"):
+        monkeypatch.setitem(backends._STATUS, name, lambda name=name: backends.BackendStatus(name, True, "pretend"))
+    cuda = torch.device("cuda")
+    params, updates, moments = [meta(4, 6) for _ in range(3)], meta(3, 4, 6), [meta(4) for _ in range(3)]
+    assert ops.check_call("normuon_step_stack_", params, updates, moments, 0.1, device=cuda) == "cuda"
+    half = [meta(4, dtype=torch.bfloat16) for _ in range(3)]  # the cuda kernel takes float32 row moments only
+    assert ops.check_call("normuon_step_stack_", params, updates, half, 0.1, device=cuda) == "triton"
+    with pytest.raises(fastoptim.BackendUnavailableError, match="its NorMuon kernel takes float32 second_moments"):
+        ops.check_call("normuon_step_stack_", params, updates, half, 0.1, backend="cuda", device=cuda)
+    wide = [meta(4, dtype=torch.float64) for _ in range(3)]  # neither kernel takes float64
+    assert ops.check_call("normuon_step_stack_", params, updates, wide, 0.1, device=cuda) == "torch"
+    with pytest.raises(fastoptim.BackendUnavailableError, match="it runs on CUDA tensors, got meta tensors"):
+        ops.check_call("normuon_step_stack_", params, updates, moments, 0.1, backend="cuda")
+    transposed = [meta(6, 4).mT for _ in range(3)]  # (4, 6) views that are not contiguous: neither kernel takes them
+    assert ops.check_call("muon_apply_stack_", transposed, updates, 0.1, device=cuda) == "torch"
+    with pytest.raises(fastoptim.BackendUnavailableError, match="its kernels take contiguous tensors"):
+        ops.check_call("muon_apply_stack_", transposed, updates, 0.1, backend="cuda", device=cuda)
+
+
+def test_check_call_runs_nothing_and_changes_nothing(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("check_call ran the op")
+
+    monkeypatch.setattr(backends, "implementation", fail)
+    p, u = torch.randn(4, 6), torch.randn(4, 6)
+    before = p.clone()
+    assert ops.check_call("muon_apply_", p, u, 0.1, weight_decay=0.5, backend="torch") == "torch"
+    buf = torch.randn(4, 6)
+    assert ops.check_call("muon_momentum_", buf.clone(), buf, 0.9) == "torch"
+    assert torch.equal(p, before)
+    assert ops.check_call("hessian_ema_", [], []) == ""  # an empty call: no backend runs
+
+
+@pytest.mark.parametrize(
+    "op, args, kwargs",
+    [
+        ("muon_apply_", (meta(4, 6), meta(6, 4), 0.1), {}),
+        ("muon_apply_", (meta(4, 6), meta(4, 6), float("nan")), {}),
+        ("muon_apply_", (meta(4, 6), meta(4, 6, dtype=torch.int32), 0.1), {}),
+        ("muon_apply_stack_", ([meta(4, 6)] * 2, meta(3, 4, 6), 0.1), {}),
+        ("muon_apply_stack_", ([meta(4, 6)] * 3, meta(3, 4, 6), meta(2)), {}),
+        ("muon_apply_stack_", ([torch.zeros(4, 6)] * 2, torch.zeros(2, 4, 6), 0.1), {}),  # the same param twice
+        ("normuon_step_stack_", ([meta(4, 6)] * 3, meta(3, 4, 6), [meta(6)] * 3, 0.1), {}),
+        ("newton_schulz", (meta(5),), {}),
+        ("newton_schulz", (meta(4, 6),), {"coefficients": "newton"}),
+        ("muon_momentum_stack_", ([meta(4, 6)], [meta(4, 6)], meta(1, 4, 6)), {"normalize": 1}),
+        ("sophia_step_", ([meta(3)], [meta(3)], [meta(3)], [meta(4)], 0.1), {}),
+        ("hessian_ema_", ([meta(3)], [meta(3)]), {"beta2": 1.0}),
+        ("hessian_ema_", ([meta(3)], [meta(3)]), {"backend": "gpu"}),
+    ],
+)
+def test_check_call_raises_what_the_op_raises(op, args, kwargs):
+    with pytest.raises((TypeError, ValueError)) as from_op:
+        getattr(ops, op)(*args, **kwargs)
+    with pytest.raises(type(from_op.value)) as from_check:
+        ops.check_call(op, *args, **kwargs)
+    assert str(from_check.value) == str(from_op.value)
+
+
+def test_check_call_of_an_unknown_op():
+    with pytest.raises(ValueError, match="no fastoptim op is named 'muon_step_'"):
+        ops.check_call("muon_step_", meta(4, 6))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -294,3 +294,24 @@ def test_a_step_with_tensor_lr_is_captured_in_a_cuda_graph(cls):
     torch.cuda.synchronize()
     for p, q in zip(params, eager):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-3, atol=2e-4)
+
+
+def test_a_forced_backend_that_cannot_run_a_bucket_is_refused_before_any_write():
+    """backend="triton" in the interpreter takes float32 but not float64 storage: the float64 group's
+    momentum stack is refused while planning, before the float32 group (listed first) has stepped."""
+    if not backends.available()["triton"].available:
+        pytest.skip(backends.available()["triton"].reason)
+    first = torch.randn(6, 4, requires_grad=True)
+    wide = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    opt = Muon(
+        [
+            {"params": [first], "use_muon": True, "backend": "triton", "ns_dtype": torch.float32},
+            {"params": [wide], "use_muon": True, "backend": "triton", "ns_dtype": torch.float32},
+        ]
+    )
+    _grads([first, wide])
+    before = [first.detach().clone(), wide.detach().clone()]
+    with pytest.raises(backends.BackendUnavailableError, match="triton"):
+        opt.step()
+    assert torch.equal(first.detach(), before[0]) and torch.equal(wide.detach(), before[1])
+    assert all(len(entry) == 0 for entry in opt.state.values())

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from .._validation import KERNEL_DTYPES
+
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 CHUNK = 16384  # elements per program of a multi-tensor kernel
 ALIGNMENT = 16  # bytes: addresses all aligned to this are hinted so loads vectorize
@@ -47,7 +48,7 @@ def unsupported_tensors(**tensors: torch.Tensor | None) -> str | None:
     for name, tensor in tensors.items():
         if tensor is None:
             continue
-        if tensor.dtype not in SUPPORTED_DTYPES:
+        if tensor.dtype not in KERNEL_DTYPES:
             return f"{name} has dtype {tensor.dtype}; the Triton kernels take float32, bfloat16 or float16"
         if not tensor.is_contiguous():
             stride = tuple(tensor.stride())

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._registry import register_kernel
 from ._common import (
     CHUNK,
     TL_DTYPES,
@@ -255,6 +256,11 @@ def _scalar_arguments(lr, weight_decay, scale: float, placeholder: torch.Tensor)
     )
 
 
+def _supports_muon(params, updates, *_) -> str | None:
+    return unsupported_tensors(updates=updates) or unsupported_lists(params=params)
+
+
+@register_kernel("muon_apply_stack_", "triton", supports=_supports_muon)
 def muon_apply_stack_(
     params: list[torch.Tensor],
     updates: torch.Tensor,
@@ -281,6 +287,11 @@ def muon_apply_stack_(
             )
 
 
+def _supports_normuon(params, updates, second_moments, *_) -> str | None:
+    return unsupported_tensors(updates=updates) or unsupported_lists(params=params, second_moments=second_moments)
+
+
+@register_kernel("normuon_step_stack_", "triton", supports=_supports_normuon)
 def normuon_step_stack_(
     params: list[torch.Tensor],
     updates: torch.Tensor,
@@ -359,15 +370,3 @@ def normuon_step_stack_(
                 BLOCK_N=block_n,
                 num_warps=NUM_WARPS,
             )
-
-
-def _supports_muon(params, updates, *_) -> str | None:
-    return unsupported_tensors(updates=updates) or unsupported_lists(params=params)
-
-
-def _supports_normuon(params, updates, second_moments, *_) -> str | None:
-    return unsupported_tensors(updates=updates) or unsupported_lists(params=params, second_moments=second_moments)
-
-
-OPS = {"muon_apply_stack_": muon_apply_stack_, "normuon_step_stack_": normuon_step_stack_}
-SUPPORTS = {"muon_apply_stack_": _supports_muon, "normuon_step_stack_": _supports_normuon}

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._registry import register_kernel
 from ._common import device_guard, lerp, unsupported_tensors
 
 BLOCK = 1024
@@ -56,6 +57,11 @@ def _muon_apply_kernel(
     tl.store(param_ptr + offsets, result.to(param_ptr.dtype.element_ty), mask=mask)
 
 
+def _supports_momentum(buf, grad, nesterov_out, beta) -> str | None:
+    return unsupported_tensors(buf=buf, grad=grad, nesterov_out=nesterov_out)
+
+
+@register_kernel("muon_momentum_", "triton", supports=_supports_momentum)
 def muon_momentum_(
     buf: torch.Tensor, grad: torch.Tensor, nesterov_out: torch.Tensor | None, beta: float
 ) -> None:
@@ -76,6 +82,11 @@ def muon_momentum_(
         )
 
 
+def _supports_apply(param, update, lr, weight_decay, scale, cautious) -> str | None:
+    return unsupported_tensors(param=param, update=update)
+
+
+@register_kernel("muon_apply_", "triton", supports=_supports_apply)
 def muon_apply_(
     param: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float, scale: float, cautious: bool
 ) -> None:
@@ -94,15 +105,3 @@ def muon_apply_(
             BLOCK=BLOCK,
             num_warps=NUM_WARPS,
         )
-
-
-def _supports_momentum(buf, grad, nesterov_out, beta) -> str | None:
-    return unsupported_tensors(buf=buf, grad=grad, nesterov_out=nesterov_out)
-
-
-def _supports_apply(param, update, lr, weight_decay, scale, cautious) -> str | None:
-    return unsupported_tensors(param=param, update=update)
-
-
-OPS = {"muon_momentum_": muon_momentum_, "muon_apply_": muon_apply_}
-SUPPORTS = {"muon_momentum_": _supports_momentum, "muon_apply_": _supports_apply}

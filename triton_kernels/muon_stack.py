@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._registry import register_kernel
 from ._common import (
     CHUNK,
     MAX_GRID_Y,
@@ -118,6 +119,11 @@ def _normalize_kernel(out_ptr, denominators_ptr, numel, BLOCK: tl.constexpr):
     tl.store(pointers, tl.div_rn(values, denominator).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _supports(bufs, grads, out, *_) -> str | None:
+    return unsupported_lists(bufs=bufs, grads=grads, out=[out])
+
+
+@register_kernel("muon_momentum_stack_", "triton", supports=_supports)
 def muon_momentum_stack_(
     bufs: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -163,11 +169,3 @@ def muon_momentum_stack_(
                 _normalize_kernel[(triton.cdiv(numel, BLOCK), matrices)](
                     out[first:], denominators[first:], numel, BLOCK=BLOCK, num_warps=NUM_WARPS
                 )
-
-
-def _supports(bufs, grads, out, *_) -> str | None:
-    return unsupported_lists(bufs=bufs, grads=grads, out=[out])
-
-
-OPS = {"muon_momentum_stack_": muon_momentum_stack_}
-SUPPORTS = {"muon_momentum_stack_": _supports}

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._registry import register_kernel
 from ..coefficients import Schedule
 from . import _ns_kernels as kernels
 from ._common import MAX_GRID_Y, device_guard
@@ -181,13 +182,6 @@ def _newton_schulz(
     return x_buffers[steps % 2].view(shape)
 
 
-def newton_schulz(
-    G: torch.Tensor, schedule: Schedule, eps: float, compute_dtype: torch.dtype, normalized: bool = False
-) -> torch.Tensor:
-    """fastoptim::newton_schulz on the Triton backend: a new contiguous (..., m, n) compute_dtype tensor."""
-    return _newton_schulz(G, schedule, eps, compute_dtype, normalized)
-
-
 def _why_not_newton_schulz(
     G: torch.Tensor, schedule: Schedule, eps: float, compute_dtype: torch.dtype, normalized: bool = False
 ) -> str | None:
@@ -198,5 +192,9 @@ def _why_not_newton_schulz(
     return None
 
 
-OPS = {"newton_schulz": newton_schulz}
-SUPPORTS = {"newton_schulz": _why_not_newton_schulz}
+@register_kernel("newton_schulz", "triton", supports=_why_not_newton_schulz)
+def newton_schulz(
+    G: torch.Tensor, schedule: Schedule, eps: float, compute_dtype: torch.dtype, normalized: bool = False
+) -> torch.Tensor:
+    """fastoptim::newton_schulz on the Triton backend: a new contiguous (..., m, n) compute_dtype tensor."""
+    return _newton_schulz(G, schedule, eps, compute_dtype, normalized)

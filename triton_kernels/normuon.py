@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._registry import register_kernel
 from ._common import device_guard, lerp, unsupported_tensors
 
 ROW_TILE_ELEMENTS = 4096  # elements of O per row-stats iteration (BLOCK_M x BLOCK_N)
@@ -136,6 +137,11 @@ def _tile(rows: int, cols: int, elements: int) -> tuple[int, int]:
     return block_m, block_n
 
 
+def _supports(param, update, second_moment, *_) -> str | None:
+    return unsupported_tensors(param=param, update=update, second_moment=second_moment)
+
+
+@register_kernel("normuon_step_", "triton", supports=_supports)
 def normuon_step_(
     param: torch.Tensor,
     update: torch.Tensor,
@@ -194,11 +200,3 @@ def normuon_step_(
             BLOCK_N=block_n,
             num_warps=NUM_WARPS,
         )
-
-
-def _supports(param, update, second_moment, *_) -> str | None:
-    return unsupported_tensors(param=param, update=update, second_moment=second_moment)
-
-
-OPS = {"normuon_step_": normuon_step_}
-SUPPORTS = {"normuon_step_": _supports}

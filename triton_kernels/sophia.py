@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._registry import register_kernel
 from ._common import CHUNK, TL_DTYPES, chunk_tables, device_guard, lerp, table_pointer, unsupported_lists
 
 BLOCK = 1024  # elements per iteration within a chunk
@@ -156,6 +157,11 @@ def _hessian_ema_kernel(
 # Launchers
 
 
+def _supports_sophia(params, grads, exp_avgs, hessians, unclipped_out, lr, beta1, rho, weight_decay, eps):
+    return unsupported_lists(params=params, grads=grads, exp_avgs=exp_avgs, hessians=hessians)
+
+
+@register_kernel("sophia_step_", "triton", supports=_supports_sophia)
 def sophia_step_(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -195,6 +201,11 @@ def sophia_step_(
             _fraction_kernel[(1,)](count, unclipped_out, float(max(total, 1)))
 
 
+def _supports_hessian_ema(hessians, estimates, beta2):
+    return unsupported_lists(hessians=hessians, estimates=estimates)
+
+
+@register_kernel("hessian_ema_", "triton", supports=_supports_hessian_ema)
 def hessian_ema_(hessians: list[torch.Tensor], estimates: list[torch.Tensor], beta2: float) -> None:
     if not hessians:
         return
@@ -209,15 +220,3 @@ def hessian_ema_(hessians: list[torch.Tensor], estimates: list[torch.Tensor], be
                 BLOCK=BLOCK,
                 num_warps=NUM_WARPS,
             )
-
-
-def _supports_sophia(params, grads, exp_avgs, hessians, unclipped_out, lr, beta1, rho, weight_decay, eps):
-    return unsupported_lists(params=params, grads=grads, exp_avgs=exp_avgs, hessians=hessians)
-
-
-def _supports_hessian_ema(hessians, estimates, beta2):
-    return unsupported_lists(hessians=hessians, estimates=estimates)
-
-
-OPS = {"sophia_step_": sophia_step_, "hessian_ema_": hessian_ema_}
-SUPPORTS = {"sophia_step_": _supports_sophia, "hessian_ema_": _supports_hessian_ema}

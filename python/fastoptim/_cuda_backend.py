@@ -1,6 +1,7 @@
 """The cuda backend: thin calls into fastoptim._C (hand-written kernels in csrc/), in the calling
-convention of the fastoptim::* ops. SUPPORTS says, per op, which arguments a kernel takes; auto
-dispatch moves on to the next backend for the others."""
+convention of the fastoptim::* ops, each registered with the predicate that says which arguments
+its kernel takes (`fastoptim._registry.register_kernel`); auto dispatch moves on to the next
+backend for the others. `fastoptim.backends` imports this module only once ``_C`` loads."""
 
 from __future__ import annotations
 
@@ -10,15 +11,15 @@ from collections import defaultdict
 import torch
 
 from . import _C
-
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from ._registry import register_kernel
+from ._validation import KERNEL_DTYPES
 
 
 def _support(*tensors: torch.Tensor | None) -> str | None:
     for t in tensors:
         if t is None:
             continue
-        if t.dtype not in _KERNEL_DTYPES:
+        if t.dtype not in KERNEL_DTYPES:
             return f"its kernels take float32, bfloat16 or float16 tensors, got {t.dtype}"
         if not t.is_contiguous():
             return "its kernels take contiguous tensors"
@@ -33,31 +34,12 @@ def _list_support(*lists) -> str | None:
     return None
 
 
-def muon_apply_(param, update, lr, weight_decay, scale, cautious) -> None:
-    _C.muon_apply_(param, update, lr, weight_decay, scale, cautious)
-
-
-def muon_momentum_(buf, grad, nesterov_out, beta) -> None:
-    _C.muon_momentum_(buf, grad, nesterov_out, beta)
-
-
-def muon_momentum_stack_(bufs, grads, out, beta, nesterov, normalize=False, safety=1.0, eps=1e-7) -> None:
-    if out.numel() == 0:
-        return
-    chunks = -(-out[0].numel() // _C.MULTI_TENSOR_CHUNK)
-    # Every (matrix, chunk) partial is written by exactly one block: no zero-fill needed.
-    partials = torch.empty((out.shape[0], chunks), dtype=torch.float32, device=out.device) if normalize else None
-    # The kernel takes bufs of one dtype and grads of one dtype: one launch per combination.
-    for index in _groups(bufs, grads):
-        _C.muon_momentum_stack_(
-            [bufs[i] for i in index], [grads[i] for i in index], out, list(index), beta, nesterov, partials
-        )
-    if normalize:
-        _C.muon_stack_normalize_(out, partials, safety, eps)
-
-
-def normuon_step_(param, update, second_moment, lr, weight_decay, beta2, eps, scale, cautious) -> None:
-    _C.normuon_step_(param, update, second_moment, lr, weight_decay, beta2, eps, scale, cautious)
+def _groups(*lists):
+    """Indices of the tensors grouped by their dtype combination: the kernels take one combination a launch."""
+    groups = defaultdict(list)
+    for i, tensors in enumerate(zip(*lists)):
+        groups[tuple(t.dtype for t in tensors)].append(i)
+    return groups.values()
 
 
 def _split(value: float | torch.Tensor) -> tuple[float, torch.Tensor | None]:
@@ -65,20 +47,8 @@ def _split(value: float | torch.Tensor) -> tuple[float, torch.Tensor | None]:
     return (0.0, value) if isinstance(value, torch.Tensor) else (value, None)
 
 
-def muon_apply_stack_(params, updates, lr, weight_decay, scale, cautious) -> None:
-    # One launch per parameter dtype for up to 128 matrices (the kernel arguments carry the pointer table).
-    lr, lr_tensor = _split(lr)
-    weight_decay, weight_decay_tensor = _split(weight_decay)
-    _C.muon_apply_stack_(params, updates, lr, weight_decay, lr_tensor, weight_decay_tensor, scale, cautious)
-
-
-def normuon_step_stack_(params, updates, second_moments, lr, weight_decay, beta2, eps, scale, cautious) -> None:
-    # Three launches (row statistics, per-matrix norms, apply) for up to 128 matrices of one parameter dtype.
-    lr, lr_tensor = _split(lr)
-    weight_decay, weight_decay_tensor = _split(weight_decay)
-    _C.normuon_step_stack_(params, updates, second_moments, lr, weight_decay, lr_tensor, weight_decay_tensor, beta2,
-                           eps, scale, cautious)
-
+# --------------------------------------------------------------------------------------------------
+# Newton–Schulz
 
 # Smallest Gram side s = min(m, n) from which the upper-triangle tensor-core kernel (csrc/symmetric_gemm.cu)
 # beats cuBLAS for X Xᵀ and A·A. None until a GPU run has measured it (bench_newton_schulz's
@@ -96,30 +66,121 @@ def _use_symmetric(G: torch.Tensor, compute_dtype: torch.dtype) -> bool:
     return SYMMETRIC_MIN_GRAM is not None and min(G.shape[-2], G.shape[-1]) >= SYMMETRIC_MIN_GRAM
 
 
-def newton_schulz(G, schedule, eps, compute_dtype, normalized=False) -> torch.Tensor:
-    return _C.newton_schulz(
-        G, schedule.flat(), schedule.safety, eps, compute_dtype, _use_symmetric(G, compute_dtype), normalized
-    )
-
-
 def _newton_schulz_support(G, schedule, eps, compute_dtype, normalized=False) -> str | None:
-    if compute_dtype not in _KERNEL_DTYPES:
+    if compute_dtype not in KERNEL_DTYPES:
         return f"its Newton–Schulz driver computes in float32, bfloat16 or float16, got {compute_dtype}"
-    if G.dtype not in _KERNEL_DTYPES:
+    if G.dtype not in KERNEL_DTYPES:
         return f"its Newton–Schulz prologue reads float32, bfloat16 or float16 input, got {G.dtype}"
     if G.dim() > 3 and not G.is_contiguous():
         return "it takes a stack (..., m, n) with more than one leading dimension only when contiguous"
     return None
 
 
-def _groups(*lists):
-    """Indices of the tensors grouped by their dtype combination: the kernels take one combination a launch."""
-    groups = defaultdict(list)
-    for i, tensors in enumerate(zip(*lists)):
-        groups[tuple(t.dtype for t in tensors)].append(i)
-    return groups.values()
+@register_kernel("newton_schulz", "cuda", supports=_newton_schulz_support)
+def newton_schulz(G, schedule, eps, compute_dtype, normalized=False) -> torch.Tensor:
+    return _C.newton_schulz(
+        G, schedule.flat(), schedule.safety, eps, compute_dtype, _use_symmetric(G, compute_dtype), normalized
+    )
 
 
+# --------------------------------------------------------------------------------------------------
+# Muon
+
+
+def _momentum_support(buf, grad, nesterov_out, beta) -> str | None:
+    return _support(buf, grad, nesterov_out)
+
+
+@register_kernel("muon_momentum_", "cuda", supports=_momentum_support)
+def muon_momentum_(buf, grad, nesterov_out, beta) -> None:
+    _C.muon_momentum_(buf, grad, nesterov_out, beta)
+
+
+def _momentum_stack_support(bufs, grads, out, *_) -> str | None:
+    return _list_support(bufs, grads, [out])
+
+
+@register_kernel("muon_momentum_stack_", "cuda", supports=_momentum_stack_support)
+def muon_momentum_stack_(bufs, grads, out, beta, nesterov, normalize=False, safety=1.0, eps=1e-7) -> None:
+    if out.numel() == 0:
+        return
+    chunks = -(-out[0].numel() // _C.MULTI_TENSOR_CHUNK)
+    # Every (matrix, chunk) partial is written by exactly one block: no zero-fill needed.
+    partials = torch.empty((out.shape[0], chunks), dtype=torch.float32, device=out.device) if normalize else None
+    # The kernel takes bufs of one dtype and grads of one dtype: one launch per combination.
+    for index in _groups(bufs, grads):
+        _C.muon_momentum_stack_(
+            [bufs[i] for i in index], [grads[i] for i in index], out, list(index), beta, nesterov, partials
+        )
+    if normalize:
+        _C.muon_stack_normalize_(out, partials, safety, eps)
+
+
+def _apply_support(param, update, *_) -> str | None:
+    return _support(param, update)
+
+
+@register_kernel("muon_apply_", "cuda", supports=_apply_support)
+def muon_apply_(param, update, lr, weight_decay, scale, cautious) -> None:
+    _C.muon_apply_(param, update, lr, weight_decay, scale, cautious)
+
+
+def _apply_stack_support(params, updates, *_) -> str | None:
+    return _list_support(params, [updates])
+
+
+@register_kernel("muon_apply_stack_", "cuda", supports=_apply_stack_support)
+def muon_apply_stack_(params, updates, lr, weight_decay, scale, cautious) -> None:
+    # One launch per parameter dtype for up to 128 matrices (the kernel arguments carry the pointer table).
+    lr, lr_tensor = _split(lr)
+    weight_decay, weight_decay_tensor = _split(weight_decay)
+    _C.muon_apply_stack_(params, updates, lr, weight_decay, lr_tensor, weight_decay_tensor, scale, cautious)
+
+
+# --------------------------------------------------------------------------------------------------
+# NorMuon
+
+
+def _normuon_support(param, update, second_moment, *_) -> str | None:
+    if second_moment.dtype != torch.float32:
+        return f"its NorMuon kernel takes a float32 second_moment, got {second_moment.dtype}"
+    return _support(param, update, second_moment)
+
+
+@register_kernel("normuon_step_", "cuda", supports=_normuon_support)
+def normuon_step_(param, update, second_moment, lr, weight_decay, beta2, eps, scale, cautious) -> None:
+    _C.normuon_step_(param, update, second_moment, lr, weight_decay, beta2, eps, scale, cautious)
+
+
+def _normuon_stack_support(params, updates, second_moments, *_) -> str | None:
+    if any(v.dtype != torch.float32 for v in second_moments):
+        return "its NorMuon kernel takes float32 second_moments"
+    return _list_support(params, [updates], second_moments)
+
+
+@register_kernel("normuon_step_stack_", "cuda", supports=_normuon_stack_support)
+def normuon_step_stack_(params, updates, second_moments, lr, weight_decay, beta2, eps, scale, cautious) -> None:
+    # Three launches (row statistics, per-matrix norms, apply) for up to 128 matrices of one parameter dtype.
+    lr, lr_tensor = _split(lr)
+    weight_decay, weight_decay_tensor = _split(weight_decay)
+    _C.normuon_step_stack_(params, updates, second_moments, lr, weight_decay, lr_tensor, weight_decay_tensor, beta2,
+                           eps, scale, cautious)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sophia
+
+
+def _sophia_support(params, grads, exp_avgs, hessians, *_) -> str | None:
+    reason = _list_support(params, grads, exp_avgs, hessians)
+    if reason is None and any(g.dtype != p.dtype for p, g in zip(params, grads)):
+        return "its Sophia kernel takes grads of the params' dtype"
+    if reason is None and any(h.dtype != m.dtype for m, h in zip(exp_avgs, hessians)):
+        return "its Sophia kernel takes hessians of the exp_avgs' dtype"
+    return reason
+
+
+@register_kernel("sophia_step_", "cuda", supports=_sophia_support)
 def sophia_step_(params, grads, exp_avgs, hessians, unclipped_out, lr, beta1, rho, weight_decay, eps) -> None:
     counter = None
     if unclipped_out is not None:
@@ -133,51 +194,11 @@ def sophia_step_(params, grads, exp_avgs, hessians, unclipped_out, lr, beta1, rh
         unclipped_out.copy_((counter.to(torch.float64) / max(total, 1)).squeeze(0))
 
 
+def _hessian_ema_support(hessians, estimates, beta2) -> str | None:
+    return _list_support(hessians, estimates)
+
+
+@register_kernel("hessian_ema_", "cuda", supports=_hessian_ema_support)
 def hessian_ema_(hessians, estimates, beta2) -> None:
     for index in _groups(hessians, estimates):
         _C.hessian_ema_([hessians[i] for i in index], [estimates[i] for i in index], beta2)
-
-
-def _sophia_support(params, grads, exp_avgs, hessians, *_) -> str | None:
-    reason = _list_support(params, grads, exp_avgs, hessians)
-    if reason is None and any(g.dtype != p.dtype for p, g in zip(params, grads)):
-        return "its Sophia kernel takes grads of the params' dtype"
-    if reason is None and any(h.dtype != m.dtype for m, h in zip(exp_avgs, hessians)):
-        return "its Sophia kernel takes hessians of the exp_avgs' dtype"
-    return reason
-
-
-def _normuon_support(param, update, second_moment, *_) -> str | None:
-    if second_moment.dtype != torch.float32:
-        return f"its NorMuon kernel takes a float32 second_moment, got {second_moment.dtype}"
-    return _support(param, update, second_moment)
-
-
-def _normuon_stack_support(params, updates, second_moments, *_) -> str | None:
-    if any(v.dtype != torch.float32 for v in second_moments):
-        return "its NorMuon kernel takes float32 second_moments"
-    return _list_support(params, [updates], second_moments)
-
-
-OPS = {
-    "newton_schulz": newton_schulz,
-    "muon_momentum_stack_": muon_momentum_stack_,
-    "muon_apply_": muon_apply_,
-    "muon_apply_stack_": muon_apply_stack_,
-    "muon_momentum_": muon_momentum_,
-    "normuon_step_": normuon_step_,
-    "normuon_step_stack_": normuon_step_stack_,
-    "sophia_step_": sophia_step_,
-    "hessian_ema_": hessian_ema_,
-}
-SUPPORTS = {
-    "newton_schulz": _newton_schulz_support,
-    "muon_apply_": lambda param, update, *_: _support(param, update),
-    "muon_momentum_": lambda buf, grad, nesterov_out, beta: _support(buf, grad, nesterov_out),
-    "muon_momentum_stack_": lambda bufs, grads, out, *_: _list_support(bufs, grads, [out]),
-    "muon_apply_stack_": lambda params, updates, *_: _list_support(params, [updates]),
-    "normuon_step_": _normuon_support,
-    "normuon_step_stack_": _normuon_stack_support,
-    "sophia_step_": _sophia_support,
-    "hessian_ema_": lambda hessians, estimates, beta2: _list_support(hessians, estimates),
-}

@@ -1,4 +1,4 @@
-"""Checks of user input at the public boundary.
+"""Checks of user input at the public boundary, and the dtype rules the backends share.
 
 Every check raises before any tensor is touched, with a message that names the argument and says
 what was expected: TypeError for a wrong kind of thing (not a tensor, an integer or complex dtype,
@@ -14,7 +14,19 @@ from collections.abc import Sequence
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # what the ops take
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the Triton and CUDA kernels take
+
+
+def accumulate_dtype(*dtypes_or_tensors: torch.dtype | torch.Tensor | None) -> torch.dtype:
+    """The dtype the ops compute in: float64 if any operand (a dtype or a tensor; None is skipped)
+    is float64, else float32, whatever the storage dtypes. Also the dtype of per-row statistics
+    (NorMuon's second_moment) and of a NorMuon direction, so that state sized before a step matches."""
+    for item in dtypes_or_tensors:
+        dtype = item.dtype if isinstance(item, torch.Tensor) else item
+        if dtype == torch.float64:
+            return torch.float64
+    return torch.float32
 
 
 def tensor(name: str, value: object, *, min_ndim: int = 0) -> torch.Tensor:
@@ -33,6 +45,21 @@ def tensor(name: str, value: object, *, min_ndim: int = 0) -> torch.Tensor:
         raise ValueError(
             f"{name} must have at least {min_ndim} dimensions (..., m, n), got shape {tuple(value.shape)}"
         )
+    return value
+
+
+def scalar_tensor(name: str, value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A 0-dim real floating tensor on `device` (a hyper-parameter read on the device). Its value is
+    not checked: reading it would synchronize with the device (and break CUDA-graph capture)."""
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a real number or a 0-dim tensor of a floating dtype (float32, bfloat16, float16 or "
+            f"float64), got dtype {value.dtype}"
+        )
+    if value.dim() != 0:
+        raise ValueError(f"{name} must be a real number or a 0-dim tensor, got a tensor of shape {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} must be on the device of the parameters ({device}), got {value.device}")
     return value
 
 

@@ -6,6 +6,12 @@ Three backends compute the same functions:
   when ``TRITON_INTERPRET=1`` (the interpreter; how CI tests it).
 - ``torch``: ``fastoptim.reference``, pure PyTorch; runs everywhere.
 
+The ops are declared once in `fastoptim.ops`; each backend's module registers its kernels in
+`fastoptim._registry` (``@register_kernel(op, backend, supports=...)``) when it is imported, and this
+module imports it the first time that backend can run here. A backend runs an op when it is
+available, the tensors are on a device it runs on, it registered a kernel for the op and that
+kernel's ``supports`` predicate accepts the arguments.
+
 ``backend="auto"`` picks, for CUDA tensors, the first of cuda -> triton -> torch that can run the op
 on these arguments; for CPU tensors, torch. ``FASTOPTIM_BACKEND`` (cuda|triton|torch) replaces
 ``"auto"``; an explicit ``backend=`` argument wins over it. Asking for a backend that cannot run
@@ -23,8 +29,11 @@ from types import ModuleType
 
 import torch
 
-NAMES = ("cuda", "triton", "torch")
-CHOICES = ("auto", *NAMES)
+from . import _registry
+from ._registry import CHOICES, NAMES, check_backend_name
+
+__all__ = ["CHOICES", "NAMES", "BackendStatus", "BackendUnavailableError", "available", "check_backend_name",
+           "eager_select", "implementation", "interpreter_conflict", "select"]
 
 
 class BackendUnavailableError(RuntimeError):
@@ -143,41 +152,44 @@ _MODULES = {
 }
 
 
-@functools.cache
+_LOADED: dict[str, ModuleType] = {}
+
+
 def _module(name: str) -> ModuleType:
-    """A backend module: OPS maps op name -> implementation; SUPPORTS (optional) maps op name ->
-    a predicate on the call's arguments that returns None or the reason it cannot run them."""
-    return importlib.import_module(_MODULES[name])
+    """Import a backend's module, which registers its kernels (`fastoptim._registry.register_kernel`).
+    A plain dict, not functools.cache: compiled steps call `select`, and dynamo traces through it."""
+    module = _LOADED.get(name)
+    if module is None:
+        module = _LOADED[name] = importlib.import_module(_MODULES[name])
+    return module
 
 
 def _why_not(name: str, op: str, device: torch.device, args: tuple) -> str | None:
-    if name == "torch":
-        return None  # runs every op on every device
-    status = _STATUS[name]()
-    if not status.available:
-        return status.reason
-    if name == "cuda" and device.type != "cuda":
-        return f"it runs on CUDA tensors, got {device.type} tensors"
-    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and _triton_interpret()):
-        return f"it runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {device.type} tensors"
-    module = _module(name)
-    if op not in module.OPS:
+    """None if backend `name` can run `op` on tensors of `device` (the device the call is for: meta
+    stand-ins are checked as tensors of `device`) with these kernel arguments, else why not."""
+    if name != "torch":  # torch runs every op on every device
+        status = _STATUS[name]()
+        if not status.available:
+            return status.reason
+        if name == "cuda" and device.type != "cuda":
+            return f"it runs on CUDA tensors, got {device.type} tensors"
+        if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and _triton_interpret()):
+            return f"it runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {device.type} tensors"
+    _module(name)
+    kernel = _registry.kernel(op, name)
+    if kernel is None:
         return f"the {name} backend has no {op} kernel yet"
-    supports = getattr(module, "SUPPORTS", {}).get(op)
     # Without arguments the question is only whether the backend has the op for this device.
-    return supports(*args) if supports is not None and args else None
+    return kernel.supports(*args) if kernel.supports is not None and args else None
 
 
 def select(op: str, backend: str, device: torch.device, args: tuple = ()) -> str:
-    """The backend that runs `op` on tensors of `device` with these arguments."""
-    if backend not in CHOICES:
-        raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
+    """The backend that runs `op` on tensors of `device` with these (kernel) arguments."""
+    check_backend_name(backend)
     if backend == "auto":
         forced = os.environ.get("FASTOPTIM_BACKEND", "").strip().lower()
         if forced and forced != "auto":
-            if forced not in NAMES:
-                raise ValueError(f"FASTOPTIM_BACKEND must be one of {CHOICES}, got {forced!r}")
-            backend = forced
+            backend = check_backend_name(forced, "FASTOPTIM_BACKEND")
     if backend != "auto":
         reason = _why_not(backend, op, device, args)
         if reason is not None:
@@ -195,21 +207,20 @@ def eager_select(op: str, backend: str, device: torch.device, args: tuple = ()) 
     under torch.compile the choice is left to the op's runtime (`implementation`), keeping the
     traced graph free of this Python logic."""
     if torch.compiler.is_compiling():
-        if backend not in CHOICES:
-            raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
-        return backend
+        return check_backend_name(backend)
     return select(op, backend, device, args)
 
 
 def implementation(op: str, backend: str, device: torch.device, args: tuple = ()) -> Callable:
-    """The function that computes `op` on these arguments, at run time (inside the custom op).
+    """The function that computes `op` on these kernel arguments, at run time (inside the custom op).
 
     "auto" (what a compiled graph carries) is resolved here on the actual arguments. A concrete
     backend was already checked against the arguments by `eager_select`; only its availability is
     checked again, so per-tensor predicates (a loop over a Sophia list) do not run twice a call."""
     if backend == "auto":
-        return _module(select(op, backend, device, args)).OPS[op]
-    reason = _why_not(backend, op, device, ())
-    if reason is not None:
-        raise BackendUnavailableError(f"backend {backend!r} cannot run {op} here: {reason}")
-    return _module(backend).OPS[op]
+        backend = select(op, backend, device, args)
+    else:
+        reason = _why_not(backend, op, device, ())
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {backend!r} cannot run {op} here: {reason}")
+    return _registry.kernel(op, backend).fn

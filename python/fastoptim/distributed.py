@@ -87,6 +87,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._geometry import assign_work, newton_schulz_flops, row_blocks, row_bounds, shape_scale
+from ._validation import accumulate_dtype
 
 if dist.is_available():
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -373,9 +374,8 @@ def _all_to_all(send: Tensor, recv_sizes: list[int], send_sizes: list[int], proc
 
 
 def _row_state_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    # Per-row statistics (NorMuon's second_moment): float64 for float64 parameters, else float32. Every
-    # rank must size its receive buffers alike, also one whose state is not there yet.
-    return torch.float64 if param_dtype == torch.float64 else torch.float32
+    # Every rank must size its receive buffers alike, also one whose state is not there yet.
+    return accumulate_dtype(param_dtype)
 
 
 def _assemble(recv: Tensor, bounds: list[tuple[int, int]], shape: tuple, dtype: torch.dtype) -> Tensor:

@@ -1,34 +1,132 @@
-"""The public ops: validation, backend choice, and torch.library registration.
+"""The public ops: each declared once, with its checks, its torch.library custom op and its fake.
 
-Each public function checks its arguments (raising before any tensor changes), picks a backend
-(`fastoptim.backends.select`), and calls the `fastoptim::<name>` custom op, whose implementation
-runs that backend. The custom ops have fake implementations, so `torch.compile` traces through
-them without a graph break and `torch.library.opcheck` passes.
+`define` declares an op (`fastoptim._registry.OpSpec`): the decorated function gives the public
+signature and docstring, and its body checks the arguments (raising before any tensor changes)
+and returns a `Call`; ``schema`` is the annotated signature of the ``fastoptim::<name>`` custom op
+(``backend: str`` last). The public function then picks a backend (`fastoptim.backends`, from the
+kernels each backend registers with `fastoptim._registry.register_kernel`) and calls the custom op,
+whose implementation runs that backend's kernel. The custom ops have fake implementations (given
+for an op that returns a tensor, ``None`` for one that only mutates), so `torch.compile` traces them
+without a graph break and `torch.library.opcheck` passes. `check_call` runs an op's checks and
+backend choice without running it (optimizers pre-check a bucket with meta stand-ins).
 
 A custom op may not return a tensor that aliases an input; where the math would (the non-Nesterov
 momentum returns the buffer itself) or where a result is optional (Sophia's unclipped fraction), the
-wrapper allocates the output and the op writes into it.
+public function allocates the output and the op writes into it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import inspect
+from collections.abc import Callable, Sequence
 from typing import List  # torch < 2.7 infers op schemas from typing.List only, not list[...]
 
 import torch
 from torch import Tensor
 
+from . import _registry, backends
 from . import _validation as check
-from . import backends
+from ._registry import Call, OpSpec
 from .coefficients import Schedule, resolve
 
+
+def _same(*args: object) -> tuple:
+    return args
+
+
+def _no_output(*args: object, **kwargs: object) -> None:
+    return None
+
+
+def define(
+    name: str,
+    *,
+    schema: Callable,
+    device_arg: str,
+    mutates: tuple[str, ...] = (),
+    fake: Callable | None = None,
+    kernel_args: Callable[..., tuple] = _same,
+) -> Callable[[Callable[..., Call]], Callable]:
+    """Declare the op `name` and build its public function from the decorated one.
+
+    schema: a function whose annotated signature is the custom op's (``backend: str`` last; its body
+    is never run). device_arg: the schema argument whose device the call runs on (a list: its first
+    tensor). mutates: the schema arguments it writes. fake: the fake implementation, for an op that
+    returns a tensor (a mutating op gets one returning None). kernel_args: the custom op's arguments
+    (without backend) -> those the implementations and their support predicates take.
+
+    The public function runs the decorated body (the checks; it returns a `Call`), checks
+    ``backend``, chooses the backend (`fastoptim.backends.eager_select`) and calls the custom op:
+    an in-place op under no_grad (it updates leaves that require grad) returning ``Call.result``;
+    an op that returns a tensor as is, so that autograd reports it has no formula.
+    """
+
+    def declare(validate: Callable[..., Call]) -> Callable:
+        parameters = list(inspect.signature(schema).parameters)
+        if parameters[-1:] != ["backend"]:
+            raise TypeError(f"the schema of {name} must end with 'backend: str', got {parameters}")
+        returns_tensor = fake is not None
+
+        def implementation(*args: object) -> Tensor | None:
+            # Runs inside the custom op; "auto" (what a compiled graph carries) is resolved here.
+            *op_args, backend = args
+            kernel = kernel_args(*op_args)
+            out = backends.implementation(name, backend, spec.device(op_args), kernel)(*kernel)
+            return out.contiguous() if returns_tensor else None
+
+        op = torch.library.custom_op(
+            f"fastoptim::{name}",
+            implementation,
+            mutates_args=mutates,
+            schema=torch.library.infer_schema(schema, mutates_args=mutates),
+        )
+        op.register_fake(fake if returns_tensor else _no_output)
+        spec = _registry.declare(
+            OpSpec(name, op, mutates, device_arg, validate, kernel_args, returns_tensor, tuple(parameters[:-1]))
+        )
+
+        @functools.wraps(validate)
+        def public(*args, **kwargs):
+            call = spec.prepare(*args, **kwargs)
+            if not call.run:
+                return call.result
+            backend = backends.eager_select(name, call.backend, spec.device(call.args), kernel_args(*call.args))
+            if returns_tensor:
+                return op(*call.args, backend)
+            with torch.no_grad():
+                op(*call.args, backend)
+            return call.result
+
+        return public
+
+    return declare
+
+
+def check_call(op_name: str, *args: object, device: torch.device | None = None, **kwargs: object) -> str:
+    """Run exactly the argument checks and backend choice that ``ops.<op_name>(*args, **kwargs)``
+    would, without running the op or changing any tensor, and return the chosen backend's name.
+
+    Raises what the call would raise (TypeError/ValueError for bad arguments, BackendUnavailableError
+    for a backend that cannot run them). `device` overrides the device the backend is chosen for,
+    so that meta stand-ins (``torch.empty(shape, dtype=..., device="meta")`` with the real strides)
+    are checked as the tensors they stand for: ``device=torch.device("cuda")`` answers as for CUDA
+    tensors of those dtypes and strides. Outputs the op would allocate (muon_momentum_'s Nesterov
+    output, sophia_step_'s counter) are allocated here too, on the arguments' device: on meta
+    stand-ins they take no memory. A call that would do nothing (empty lists) returns ""."""
+    spec = _registry.op_spec(op_name)
+    call = spec.prepare(*args, **kwargs)
+    if not call.run:
+        return ""
+    where = spec.device(call.args) if device is None else torch.device(device)
+    return backends.select(op_name, call.backend, where, spec.kernel_args(*call.args))
+
+
 # --------------------------------------------------------------------------------------------------
-# torch.library custom ops. `backend` is what the caller chose ("auto" under torch.compile); the
-# implementation resolves it at run time on the actual tensors.
+# Newton–Schulz
 
 
-@torch.library.custom_op("fastoptim::newton_schulz", mutates_args=())
-def _newton_schulz_op(
+def _newton_schulz_schema(
     G: Tensor,
     coefficients: List[float],
     safety: float,
@@ -36,189 +134,24 @@ def _newton_schulz_op(
     compute_dtype: torch.dtype,
     normalized: bool,
     backend: str,
-) -> Tensor:
-    schedule = Schedule.from_flat(coefficients, safety)
-    args = (G, schedule, eps, compute_dtype, normalized)
-    return backends.implementation("newton_schulz", backend, G.device, args)(*args).contiguous()
+) -> Tensor: ...
 
 
-@_newton_schulz_op.register_fake
-def _(G, coefficients, safety, eps, compute_dtype, normalized, backend):
+def _newton_schulz_fake(G, coefficients, safety, eps, compute_dtype, normalized, backend):
     return G.new_empty(G.shape, dtype=compute_dtype)
 
 
-@torch.library.custom_op("fastoptim::muon_momentum_", mutates_args=("buf", "nesterov_out"))
-def _muon_momentum_op(buf: Tensor, grad: Tensor, nesterov_out: Tensor | None, beta: float, backend: str) -> None:
-    args = (buf, grad, nesterov_out, beta)
-    backends.implementation("muon_momentum_", backend, buf.device, args)(*args)
+def _newton_schulz_kernel_args(G, coefficients, safety, eps, compute_dtype, normalized) -> tuple:
+    return (G, Schedule.from_flat(coefficients, safety), eps, compute_dtype, normalized)
 
 
-@_muon_momentum_op.register_fake
-def _(buf, grad, nesterov_out, beta, backend):
-    return None
-
-
-@torch.library.custom_op("fastoptim::muon_momentum_stack_", mutates_args=("bufs", "out"))
-def _muon_momentum_stack_op(
-    bufs: List[Tensor],
-    grads: List[Tensor],
-    out: Tensor,
-    beta: float,
-    nesterov: bool,
-    normalize: bool,
-    safety: float,
-    eps: float,
-    backend: str,
-) -> None:
-    args = (bufs, grads, out, beta, nesterov, normalize, safety, eps)
-    backends.implementation("muon_momentum_stack_", backend, out.device, args)(*args)
-
-
-@_muon_momentum_stack_op.register_fake
-def _(bufs, grads, out, beta, nesterov, normalize, safety, eps, backend):
-    return None
-
-
-@torch.library.custom_op("fastoptim::muon_apply_", mutates_args=("param",))
-def _muon_apply_op(
-    param: Tensor, update: Tensor, lr: float, weight_decay: float, scale: float, cautious: bool, backend: str
-) -> None:
-    args = (param, update, lr, weight_decay, scale, cautious)
-    backends.implementation("muon_apply_", backend, param.device, args)(*args)
-
-
-@_muon_apply_op.register_fake
-def _(param, update, lr, weight_decay, scale, cautious, backend):
-    return None
-
-
-@torch.library.custom_op("fastoptim::normuon_step_", mutates_args=("param", "second_moment"))
-def _normuon_step_op(
-    param: Tensor,
-    update: Tensor,
-    second_moment: Tensor,
-    lr: float,
-    weight_decay: float,
-    beta2: float,
-    eps: float,
-    scale: float,
-    cautious: bool,
-    backend: str,
-) -> None:
-    args = (param, update, second_moment, lr, weight_decay, beta2, eps, scale, cautious)
-    backends.implementation("normuon_step_", backend, param.device, args)(*args)
-
-
-@_normuon_step_op.register_fake
-def _(param, update, second_moment, lr, weight_decay, beta2, eps, scale, cautious, backend):
-    return None
-
-
-def _value(number: float, tensor: Tensor | None) -> float | Tensor:
-    """A hyper-parameter as the backends take it: the 0-dim tensor when one was given, else the float."""
-    return number if tensor is None else tensor
-
-
-@torch.library.custom_op("fastoptim::muon_apply_stack_", mutates_args=("params",))
-def _muon_apply_stack_op(
-    params: List[Tensor],
-    updates: Tensor,
-    lr: float,
-    weight_decay: float,
-    lr_tensor: Tensor | None,
-    weight_decay_tensor: Tensor | None,
-    scale: float,
-    cautious: bool,
-    backend: str,
-) -> None:
-    args = (params, updates, _value(lr, lr_tensor), _value(weight_decay, weight_decay_tensor), scale, cautious)
-    backends.implementation("muon_apply_stack_", backend, updates.device, args)(*args)
-
-
-@_muon_apply_stack_op.register_fake
-def _(params, updates, lr, weight_decay, lr_tensor, weight_decay_tensor, scale, cautious, backend):
-    return None
-
-
-@torch.library.custom_op("fastoptim::normuon_step_stack_", mutates_args=("params", "second_moments"))
-def _normuon_step_stack_op(
-    params: List[Tensor],
-    updates: Tensor,
-    second_moments: List[Tensor],
-    lr: float,
-    weight_decay: float,
-    lr_tensor: Tensor | None,
-    weight_decay_tensor: Tensor | None,
-    beta2: float,
-    eps: float,
-    scale: float,
-    cautious: bool,
-    backend: str,
-) -> None:
-    args = (
-        params,
-        updates,
-        second_moments,
-        _value(lr, lr_tensor),
-        _value(weight_decay, weight_decay_tensor),
-        beta2,
-        eps,
-        scale,
-        cautious,
-    )
-    backends.implementation("normuon_step_stack_", backend, updates.device, args)(*args)
-
-
-@_normuon_step_stack_op.register_fake
-def _(params, updates, second_moments, lr, weight_decay, lr_tensor, weight_decay_tensor, beta2, eps, scale,
-      cautious, backend):
-    return None
-
-
-@torch.library.custom_op("fastoptim::sophia_step_", mutates_args=("params", "exp_avgs", "unclipped_out"))
-def _sophia_step_op(
-    params: List[Tensor],
-    grads: List[Tensor],
-    exp_avgs: List[Tensor],
-    hessians: List[Tensor],
-    unclipped_out: Tensor | None,
-    lr: float,
-    beta1: float,
-    rho: float,
-    weight_decay: float,
-    eps: float,
-    backend: str,
-) -> None:
-    args = (params, grads, exp_avgs, hessians, unclipped_out, lr, beta1, rho, weight_decay, eps)
-    backends.implementation("sophia_step_", backend, params[0].device, args)(*args)
-
-
-@_sophia_step_op.register_fake
-def _(params, grads, exp_avgs, hessians, unclipped_out, lr, beta1, rho, weight_decay, eps, backend):
-    return None
-
-
-@torch.library.custom_op("fastoptim::hessian_ema_", mutates_args=("hessians",))
-def _hessian_ema_op(hessians: List[Tensor], estimates: List[Tensor], beta2: float, backend: str) -> None:
-    args = (hessians, estimates, beta2)
-    backends.implementation("hessian_ema_", backend, hessians[0].device, args)(*args)
-
-
-@_hessian_ema_op.register_fake
-def _(hessians, estimates, beta2, backend):
-    return None
-
-
-# --------------------------------------------------------------------------------------------------
-# Public functions
-
-
-def _backend_arg(backend: object) -> str:
-    if not isinstance(backend, str) or backend not in backends.CHOICES:
-        raise ValueError(f"backend must be one of {backends.CHOICES}, got {backend!r}")
-    return backend
-
-
+@define(
+    "newton_schulz",
+    schema=_newton_schulz_schema,
+    device_arg="G",
+    fake=_newton_schulz_fake,
+    kernel_args=_newton_schulz_kernel_args,
+)
 def newton_schulz(
     G: Tensor,
     steps: int | None = None,
@@ -241,11 +174,18 @@ def newton_schulz(
     eps = check.non_negative("eps", eps)
     compute_dtype = check.compute_dtype("compute_dtype", compute_dtype)
     normalized = check.boolean("normalized", normalized)
-    args = (G, schedule, eps, compute_dtype, normalized)
-    name = backends.eager_select("newton_schulz", _backend_arg(backend), G.device, args)
-    return _newton_schulz_op(G, schedule.flat(), schedule.safety, eps, compute_dtype, normalized, name)
+    return Call((G, schedule.flat(), schedule.safety, eps, compute_dtype, normalized), backend)
 
 
+# --------------------------------------------------------------------------------------------------
+# Muon momentum
+
+
+def _muon_momentum_schema(buf: Tensor, grad: Tensor, nesterov_out: Tensor | None, beta: float, backend: str) -> None:
+    ...
+
+
+@define("muon_momentum_", schema=_muon_momentum_schema, device_arg="buf", mutates=("buf", "nesterov_out"))
 def muon_momentum_(
     buf: Tensor, grad: Tensor, beta: float = 0.95, nesterov: bool = True, backend: str = "auto"
 ) -> Tensor:
@@ -258,12 +198,23 @@ def muon_momentum_(
     beta = check.beta("beta", beta)
     nesterov = check.boolean("nesterov", nesterov)
     nesterov_out = torch.empty_like(buf, memory_format=torch.contiguous_format) if nesterov else None
-    name = backends.eager_select("muon_momentum_", _backend_arg(backend), buf.device, (buf, grad, nesterov_out, beta))
-    with torch.no_grad():
-        _muon_momentum_op(buf, grad, nesterov_out, beta, name)
-    return nesterov_out if nesterov else buf
+    return Call((buf, grad, nesterov_out, beta), backend, result=nesterov_out if nesterov else buf)
 
 
+def _muon_momentum_stack_schema(
+    bufs: List[Tensor],
+    grads: List[Tensor],
+    out: Tensor,
+    beta: float,
+    nesterov: bool,
+    normalize: bool,
+    safety: float,
+    eps: float,
+    backend: str,
+) -> None: ...
+
+
+@define("muon_momentum_stack_", schema=_muon_momentum_stack_schema, device_arg="out", mutates=("bufs", "out"))
 def muon_momentum_stack_(
     bufs: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -299,13 +250,11 @@ def muon_momentum_stack_(
     normalize = check.boolean("normalize", normalize)
     safety = check.positive("safety", safety)
     eps = check.non_negative("eps", eps)
-    if not bufs:
-        _backend_arg(backend)
-        return
-    args = (bufs, grads, out, beta, nesterov, normalize, safety, eps)
-    name = backends.eager_select("muon_momentum_stack_", _backend_arg(backend), out.device, args)
-    with torch.no_grad():
-        _muon_momentum_stack_op(*args, name)
+    return Call((bufs, grads, out, beta, nesterov, normalize, safety, eps), backend, run=bool(bufs))
+
+
+# --------------------------------------------------------------------------------------------------
+# Muon and NorMuon steps, one matrix (or a stack (..., m, n)) at a time
 
 
 def _check_update_pair(param: Tensor, update: Tensor) -> None:
@@ -315,6 +264,12 @@ def _check_update_pair(param: Tensor, update: Tensor) -> None:
     check.same_device("update", update, "param", param)
 
 
+def _muon_apply_schema(
+    param: Tensor, update: Tensor, lr: float, weight_decay: float, scale: float, cautious: bool, backend: str
+) -> None: ...
+
+
+@define("muon_apply_", schema=_muon_apply_schema, device_arg="param", mutates=("param",))
 def muon_apply_(
     param: Tensor,
     update: Tensor,
@@ -330,12 +285,24 @@ def muon_apply_(
     weight_decay = check.non_negative("weight_decay", weight_decay)
     scale = check.real("scale", scale)
     cautious = check.boolean("cautious", cautious)
-    args = (param, update, lr, weight_decay, scale, cautious)
-    name = backends.eager_select("muon_apply_", _backend_arg(backend), param.device, args)
-    with torch.no_grad():
-        _muon_apply_op(*args, name)
+    return Call((param, update, lr, weight_decay, scale, cautious), backend)
 
 
+def _normuon_step_schema(
+    param: Tensor,
+    update: Tensor,
+    second_moment: Tensor,
+    lr: float,
+    weight_decay: float,
+    beta2: float,
+    eps: float,
+    scale: float,
+    cautious: bool,
+    backend: str,
+) -> None: ...
+
+
+@define("normuon_step_", schema=_normuon_step_schema, device_arg="param", mutates=("param", "second_moment"))
 def normuon_step_(
     param: Tensor,
     update: Tensor,
@@ -365,28 +332,24 @@ def normuon_step_(
     eps = check.positive("eps", eps)
     scale = check.real("scale", scale)
     cautious = check.boolean("cautious", cautious)
-    args = (param, update, second_moment, lr, weight_decay, beta2, eps, scale, cautious)
-    name = backends.eager_select("normuon_step_", _backend_arg(backend), param.device, args)
-    with torch.no_grad():
-        _normuon_step_op(*args, name)
+    return Call((param, update, second_moment, lr, weight_decay, beta2, eps, scale, cautious), backend)
+
+
+# --------------------------------------------------------------------------------------------------
+# Muon and NorMuon steps over a shape bucket (multi-tensor)
 
 
 def _hyper_parameter(name: str, value: object, device: torch.device) -> tuple[float, Tensor | None]:
     """lr or weight_decay: a real number >= 0, returned as (float, None), or a 0-dim real floating
-    tensor on `device`, returned as (0.0, tensor). A tensor's value is not checked: reading it would
-    synchronize with the device (and break CUDA-graph capture)."""
+    tensor on `device`, returned as (0.0, tensor) (its value is not read)."""
     if not isinstance(value, Tensor):
         return check.non_negative(name, value), None
-    if value.dtype not in check.FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be a real number or a 0-dim tensor of a floating dtype (float32, bfloat16, float16 or "
-            f"float64), got dtype {value.dtype}"
-        )
-    if value.dim() != 0:
-        raise ValueError(f"{name} must be a real number or a 0-dim tensor, got a tensor of shape {tuple(value.shape)}")
-    if value.device != device:
-        raise ValueError(f"{name} must be on the device of the parameters ({device}), got {value.device}")
-    return 0.0, value
+    return 0.0, check.scalar_tensor(name, value, device)
+
+
+def _value(number: float, tensor: Tensor | None) -> float | Tensor:
+    """A hyper-parameter as the backends take it: the 0-dim tensor when one was given, else the float."""
+    return number if tensor is None else tensor
 
 
 def _check_stack(params: list[Tensor], updates: object) -> tuple[int, int]:
@@ -457,6 +420,30 @@ def _overlap_error(first: str, second: str) -> None:
     )
 
 
+def _muon_apply_stack_schema(
+    params: List[Tensor],
+    updates: Tensor,
+    lr: float,
+    weight_decay: float,
+    lr_tensor: Tensor | None,
+    weight_decay_tensor: Tensor | None,
+    scale: float,
+    cautious: bool,
+    backend: str,
+) -> None: ...
+
+
+def _muon_apply_stack_kernel_args(params, updates, lr, weight_decay, lr_tensor, weight_decay_tensor, scale, cautious):
+    return (params, updates, _value(lr, lr_tensor), _value(weight_decay, weight_decay_tensor), scale, cautious)
+
+
+@define(
+    "muon_apply_stack_",
+    schema=_muon_apply_stack_schema,
+    device_arg="updates",
+    mutates=("params",),
+    kernel_args=_muon_apply_stack_kernel_args,
+)
 def muon_apply_stack_(
     params: Sequence[Tensor],
     updates: Tensor,
@@ -483,16 +470,42 @@ def muon_apply_stack_(
     weight_decay, weight_decay_tensor = _hyper_parameter("weight_decay", weight_decay, updates.device)
     scale = check.real("scale", scale)
     cautious = check.boolean("cautious", cautious)
-    backend = _backend_arg(backend)
+    _registry.check_backend_name(backend)
     _check_no_overlap([(f"params[{i}]", p) for i, p in enumerate(params)], [("updates", updates)])
-    if not params:
-        return
-    args = (params, updates, _value(lr, lr_tensor), _value(weight_decay, weight_decay_tensor), scale, cautious)
-    name = backends.eager_select("muon_apply_stack_", backend, updates.device, args)
-    with torch.no_grad():
-        _muon_apply_stack_op(params, updates, lr, weight_decay, lr_tensor, weight_decay_tensor, scale, cautious, name)
+    args = (params, updates, lr, weight_decay, lr_tensor, weight_decay_tensor, scale, cautious)
+    return Call(args, backend, run=bool(params))
 
 
+def _normuon_step_stack_schema(
+    params: List[Tensor],
+    updates: Tensor,
+    second_moments: List[Tensor],
+    lr: float,
+    weight_decay: float,
+    lr_tensor: Tensor | None,
+    weight_decay_tensor: Tensor | None,
+    beta2: float,
+    eps: float,
+    scale: float,
+    cautious: bool,
+    backend: str,
+) -> None: ...
+
+
+def _normuon_step_stack_kernel_args(
+    params, updates, second_moments, lr, weight_decay, lr_tensor, weight_decay_tensor, beta2, eps, scale, cautious
+):
+    lr, weight_decay = _value(lr, lr_tensor), _value(weight_decay, weight_decay_tensor)
+    return (params, updates, second_moments, lr, weight_decay, beta2, eps, scale, cautious)
+
+
+@define(
+    "normuon_step_stack_",
+    schema=_normuon_step_stack_schema,
+    device_arg="updates",
+    mutates=("params", "second_moments"),
+    kernel_args=_normuon_step_stack_kernel_args,
+)
 def normuon_step_stack_(
     params: Sequence[Tensor],
     updates: Tensor,
@@ -531,22 +544,37 @@ def normuon_step_stack_(
     eps = check.positive("eps", eps)
     scale = check.real("scale", scale)
     cautious = check.boolean("cautious", cautious)
-    backend = _backend_arg(backend)
+    _registry.check_backend_name(backend)
     written = [(f"params[{i}]", p) for i, p in enumerate(params)]
     written += [(f"second_moments[{i}]", v) for i, v in enumerate(second_moments)]
     _check_no_overlap(written, [("updates", updates)])
-    if not params:
-        return
-    hyper = (_value(lr, lr_tensor), _value(weight_decay, weight_decay_tensor), beta2, eps, scale, cautious)
-    args = (params, updates, second_moments, *hyper)
-    name = backends.eager_select("normuon_step_stack_", backend, updates.device, args)
-    with torch.no_grad():
-        _normuon_step_stack_op(
-            params, updates, second_moments, lr, weight_decay, lr_tensor, weight_decay_tensor, beta2, eps, scale,
-            cautious, name,
-        )
+    args = (params, updates, second_moments, lr, weight_decay, lr_tensor, weight_decay_tensor, beta2, eps, scale,
+            cautious)
+    return Call(args, backend, run=bool(params))
 
 
+# --------------------------------------------------------------------------------------------------
+# Sophia (multi-tensor)
+
+
+def _sophia_step_schema(
+    params: List[Tensor],
+    grads: List[Tensor],
+    exp_avgs: List[Tensor],
+    hessians: List[Tensor],
+    unclipped_out: Tensor | None,
+    lr: float,
+    beta1: float,
+    rho: float,
+    weight_decay: float,
+    eps: float,
+    backend: str,
+) -> None: ...
+
+
+@define(
+    "sophia_step_", schema=_sophia_step_schema, device_arg="params", mutates=("params", "exp_avgs", "unclipped_out")
+)
 def sophia_step_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -578,16 +606,14 @@ def sophia_step_(
     return_unclipped = check.boolean("return_unclipped", return_unclipped)
     device = params[0].device if params else torch.device("cpu")
     unclipped_out = torch.zeros((), dtype=torch.float32, device=device) if return_unclipped else None
-    if params:
-        args = (params, grads, exp_avgs, hessians, unclipped_out, lr, beta1, rho, weight_decay, eps)
-        name = backends.eager_select("sophia_step_", _backend_arg(backend), device, args)
-        with torch.no_grad():
-            _sophia_step_op(*args, name)
-    else:
-        _backend_arg(backend)
-    return unclipped_out
+    args = (params, grads, exp_avgs, hessians, unclipped_out, lr, beta1, rho, weight_decay, eps)
+    return Call(args, backend, result=unclipped_out, run=bool(params))
 
 
+def _hessian_ema_schema(hessians: List[Tensor], estimates: List[Tensor], beta2: float, backend: str) -> None: ...
+
+
+@define("hessian_ema_", schema=_hessian_ema_schema, device_arg="hessians", mutates=("hessians",))
 def hessian_ema_(
     hessians: Sequence[Tensor], estimates: Sequence[Tensor], beta2: float = 0.99, backend: str = "auto"
 ) -> None:
@@ -596,16 +622,16 @@ def hessian_ema_(
     estimates = check.tensor_list("estimates", estimates)
     check.matching_lists(("hessians", "estimates"), (hessians, estimates))
     beta2 = check.beta("beta2", beta2)
-    if not hessians:
-        _backend_arg(backend)
-        return
-    args = (hessians, estimates, beta2)
-    name = backends.eager_select("hessian_ema_", _backend_arg(backend), hessians[0].device, args)
-    with torch.no_grad():
-        _hessian_ema_op(hessians, estimates, beta2, name)
+    return Call((hessians, estimates, beta2), backend, run=bool(hessians))
 
+
+# The custom ops by name (torch.ops.fastoptim.<name> is the same op): _muon_apply_op, _newton_schulz_op, ...
+for _spec in _registry.op_specs().values():
+    globals()[f"_{_spec.name.rstrip('_')}_op"] = _spec.op
+del _spec
 
 __all__ = [
+    "check_call",
     "newton_schulz",
     "muon_momentum_",
     "muon_momentum_stack_",

@@ -23,11 +23,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ._validation import accumulate_dtype
 from .coefficients import Schedule, resolve
-
-
-def _accumulate_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def newton_schulz(
@@ -56,7 +53,7 @@ def newton_schulz(
     if normalized:
         X = G.to(compute_dtype, copy=True)
     else:
-        norm_dtype = torch.float64 if torch.float64 in (G.dtype, compute_dtype) else torch.float32
+        norm_dtype = accumulate_dtype(G, compute_dtype)
         G_wide = G.to(norm_dtype)
         frobenius = torch.linalg.matrix_norm(G_wide, ord="fro", keepdim=True)
         X = (G_wide / (frobenius * schedule.safety + eps)).to(compute_dtype)
@@ -111,7 +108,7 @@ def muon_momentum_stack_(
         ns_input = muon_momentum_(buf, grad, beta, nesterov)
         out[i].copy_(ns_input.reshape(out.shape[1:]))
     if normalize:
-        U = out.to(torch.float64 if out.dtype == torch.float64 else torch.float32)
+        U = out.to(accumulate_dtype(out))
         frobenius = torch.linalg.matrix_norm(U, ord="fro", keepdim=True)
         out.copy_(U / (frobenius * safety + eps))
 
@@ -132,7 +129,7 @@ def muon_apply_(
     lr and weight_decay may be 0-dim tensors on param's device (a scheduler's lr, read on the device):
     the same formula in tensor arithmetic, 1 - lr·wd and lr·scale then rounded in the tensors' dtype.
     """
-    acc = _accumulate_dtype(param, update)
+    acc = accumulate_dtype(param, update)
     p = param.to(acc)
     u = update.to(acc)
     decayed = p * (1.0 - lr * weight_decay)
@@ -164,7 +161,7 @@ def normuon_step_(
     AdamW-matched update RMS of 0.2. A matrix with no columns has row mean 0: the EMA moves v
     toward 0. lr and weight_decay may be 0-dim tensors, as in `muon_apply_`.
     """
-    acc = _accumulate_dtype(param, update, second_moment)
+    acc = accumulate_dtype(param, update, second_moment)
     O = update.to(acc)
     n = O.shape[-1]
     row_mean_square = (O * O).sum(dim=-1) / max(n, 1)
@@ -267,7 +264,7 @@ def sophia_step_(
     unclipped = None
     total = 0
     for param, grad, exp_avg, hessian in zip(params, grads, exp_avgs, hessians):
-        acc = _accumulate_dtype(param, grad, exp_avg, hessian)
+        acc = accumulate_dtype(param, grad, exp_avg, hessian)
         exp_avg.lerp_(grad.to(exp_avg.dtype), 1.0 - beta1)
         ratio = exp_avg.to(acc) / torch.clamp(rho * hessian.to(acc), min=eps)
         p = param.to(acc) * (1.0 - lr * weight_decay)

@@ -80,9 +80,7 @@ def check_betas(name: str, value: object) -> tuple[float, float]:
 
 
 def check_backend(value: object) -> str:
-    if not isinstance(value, str) or value not in backends.CHOICES:
-        raise ValueError(f"backend must be one of {backends.CHOICES}, got {value!r}")
-    return value
+    return backends.check_backend_name(value)
 
 
 def check_positive_int(name: str, value: object) -> int:
@@ -388,7 +386,7 @@ class MatrixOptimizer(CopyableOptimizer, torch.optim.Optimizer):
         for g, group in enumerate(self.param_groups):
             if group["use_muon"]:
                 plans[g] = _engine.plan_group(group, self._process_group)
-                _engine.precheck_backends(group, plans[g])
+                _engine.precheck_backends(self, group, plans[g], self.state)
         guard = None
         if self.defaults["skip_nonfinite"]:
             for group in self.param_groups:
@@ -426,7 +424,13 @@ class MatrixOptimizer(CopyableOptimizer, torch.optim.Optimizer):
         return {}
 
     def apply_bucket(
-        self, group: dict, params: list[Tensor], orthogonal: Tensor, row_states: dict[str, list[Tensor]], scale: float
+        self,
+        group: dict,
+        params: list[Tensor],
+        orthogonal: Tensor,
+        row_states: dict[str, list[Tensor]],
+        scale: float,
+        check_device: torch.device | None = None,
     ) -> None:
         raise NotImplementedError
 

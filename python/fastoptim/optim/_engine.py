@@ -29,16 +29,17 @@ A `rule` (the optimizer: Muon or NorMuon) supplies the per-family pieces: ``row_
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-from .. import backends, distributed
+from .. import distributed
 from .._geometry import Matrix, matrices, matrix_form, newton_schulz_flops, reads_as_stack, shape_scale
 from ..coefficients import Schedule, resolve
-from ..ops import muon_apply_stack_, muon_momentum_stack_, newton_schulz
+from ..ops import check_call, muon_apply_stack_, muon_momentum_stack_, newton_schulz
 
 NS_EPS = 1e-7  # Newton–Schulz's normalization: X = G / (safety·‖G‖_F + NS_EPS), as the reference Muon
 
@@ -52,9 +53,16 @@ class MatrixRule(Protocol):
         """Per-row state tensors of shape (*batch, m) for a new parameter."""
 
     def apply_bucket(
-        self, group: dict, params: list[Tensor], orthogonal: Tensor, row_states: dict[str, list[Tensor]], scale: float
+        self,
+        group: dict,
+        params: list[Tensor],
+        orthogonal: Tensor,
+        row_states: dict[str, list[Tensor]],
+        scale: float,
+        check_device: torch.device | None = None,
     ) -> None:
-        """Step every matrix view of `params` with its slice of `orthogonal`, in one op call."""
+        """Step every matrix view of `params` with its slice of `orthogonal`, in one op call; with
+        check_device, only `ops.check_call` that op (meta stand-ins, the real device)."""
 
     def direction_bucket(self, group: dict, orthogonal: Tensor, row_states: dict[str, list[Tensor]]) -> Tensor:
         """D with ``muon_apply_stack_(params, D, ...)`` == ``apply_bucket(params, orthogonal, ...)``; updates
@@ -248,10 +256,38 @@ def init_state(rule: MatrixRule, group: dict, state: Any, indices: Sequence[int]
             st[key] = distributed.shard_rows_like(p, full, stack=bool(batch))
 
 
-def precheck_backends(group: dict, plan: GroupPlan) -> None:
-    """A forced backend (group backend or FASTOPTIM_BACKEND) that cannot run a bucket's Newton–Schulz
-    raises before anything changes; "auto" always finds one (torch runs everything)."""
+def _meta(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A stand-in of t's shape, strides and dtype that holds no memory."""
+    t = local(t)
+    return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=dtype or t.dtype, device="meta")
+
+
+def precheck_backends(rule: MatrixRule, group: dict, plan: GroupPlan, state: Any) -> None:
+    """Every op a bucket will call is checked, with meta stand-ins of its real arguments (the momentum
+    buffers may not exist yet), against the backend it will run on: a forced backend (the group's, or
+    FASTOPTIM_BACKEND) that cannot run one raises before anything changes. "auto" always finds one."""
+    if group["backend"] == "auto" and os.environ.get("FASTOPTIM_BACKEND", "auto").strip().lower() in ("", "auto"):
+        return
+    state_dtype = group.get("state_dtype")
     for bucket in (*plan.local, *plan.replicated):
-        probe = torch.empty((1, bucket.rows, bucket.cols), dtype=group["ns_dtype"], device="meta")
-        args = (probe, plan.schedule, NS_EPS, group["ns_dtype"], True)
-        backends.select("newton_schulz", group["backend"], bucket.device, args)
+        params, bufs, grads = [], [], []
+        row_states: dict[str, list[Tensor]] = {key: [] for key in rule.row_state_keys}
+        for param, matrix in bucket.units:
+            p = group["params"][param]
+            st = state.get(p, {})  # not state[p]: a defaultdict would grow an entry
+            buf = st.get("momentum_buffer")
+            params.append(matrix.of(_meta(p)))
+            grads.append(matrix.of(_meta(p.grad)))
+            bufs.append(matrix.of(_meta(buf) if buf is not None else _meta(p, state_dtype or p.dtype)))
+            batch, m, _ = matrix_form(local(p).shape, group["matrix_view"])
+            for key in rule.row_state_keys:
+                row = st.get(key)
+                stand_in = _meta(row) if row is not None else torch.empty((*batch, m), device="meta")
+                row_states[key].append(matrix.rows_of(stand_in))
+        stack = torch.empty((len(bucket.units), bucket.rows, bucket.cols), dtype=group["ns_dtype"], device="meta")
+        device = bucket.device
+        check_call("muon_momentum_stack_", bufs, grads, stack, group["momentum"], group["nesterov"],
+                   group["backend"], normalize=True, safety=plan.schedule.safety, eps=NS_EPS, device=device)
+        check_call("newton_schulz", stack, coefficients=plan.schedule, eps=NS_EPS, compute_dtype=group["ns_dtype"],
+                   backend=group["backend"], normalized=True, device=device)
+        rule.apply_bucket(group, params, stack, row_states, bucket.scale, check_device=device)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..ops import muon_apply_stack_
+from ..ops import check_call, muon_apply_stack_
 from ._base import MatrixOptimizer
 
 
@@ -92,14 +92,16 @@ class Muon(MatrixOptimizer):
         super().__init__(params, defaults, process_group)
 
     def apply_bucket(
-        self, group: dict, params: list[Tensor], orthogonal: Tensor, row_states: dict[str, list[Tensor]], scale: float
+        self,
+        group: dict,
+        params: list[Tensor],
+        orthogonal: Tensor,
+        row_states: dict[str, list[Tensor]],
+        scale: float,
+        check_device: torch.device | None = None,
     ) -> None:
-        muon_apply_stack_(
-            params,
-            orthogonal,
-            group["lr"],
-            group["weight_decay"],
-            scale,
-            group["cautious_weight_decay"],
-            group["backend"],
-        )
+        args = (params, orthogonal, group["lr"], group["weight_decay"], scale, group["cautious_weight_decay"])
+        if check_device is not None:
+            check_call("muon_apply_stack_", *args, group["backend"], device=check_device)
+            return
+        muon_apply_stack_(*args, group["backend"])

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from .. import _validation as check
-from ..ops import normuon_step_stack_
+from .._validation import accumulate_dtype
+from ..ops import check_call, normuon_step_stack_
 from ._base import MatrixOptimizer
 
 
@@ -90,35 +91,35 @@ class NorMuon(MatrixOptimizer):
     def init_row_state(self, p: Tensor, batch: tuple[int, ...], m: int) -> dict[str, Tensor]:
         # float32 statistics (float64 for float64 parameters), whatever the parameter dtype: one per row of
         # every matrix (an expert bank (E, m, n) has (E, m)).
-        dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        dtype = accumulate_dtype(p.dtype)
         return {"second_moment": torch.zeros((*batch, m), dtype=dtype, device=p.device)}
 
     def apply_bucket(
-        self, group: dict, params: list[Tensor], orthogonal: Tensor, row_states: dict[str, list[Tensor]], scale: float
+        self,
+        group: dict,
+        params: list[Tensor],
+        orthogonal: Tensor,
+        row_states: dict[str, list[Tensor]],
+        scale: float,
+        check_device: torch.device | None = None,
     ) -> None:
-        normuon_step_stack_(
-            params,
-            orthogonal,
-            row_states["second_moment"],
-            group["lr"],
-            group["weight_decay"],
-            group["beta2"],
-            group["eps"],
-            scale,
-            cautious=group["cautious_weight_decay"],
-            backend=group["backend"],
-        )
+        args = (params, orthogonal, row_states["second_moment"], group["lr"], group["weight_decay"],
+                group["beta2"], group["eps"], scale)
+        kwargs = dict(cautious=group["cautious_weight_decay"], backend=group["backend"])
+        if check_device is not None:
+            check_call("normuon_step_stack_", *args, **kwargs, device=check_device)
+            return
+        normuon_step_stack_(*args, **kwargs)
 
     def direction_dtype(self, group: dict, param_dtype: torch.dtype) -> torch.dtype:
         # The dtype normuon_step_ computes Ô in (float64 if any of its inputs is float64).
-        return torch.float64 if torch.float64 in (param_dtype, group["ns_dtype"]) else torch.float32
+        return accumulate_dtype(param_dtype, group["ns_dtype"])
 
     def direction_bucket(self, group: dict, orthogonal: Tensor, row_states: dict[str, list[Tensor]]) -> Tensor:
         # normuon_step_ on a zero matrix with lr = 1, no decay and scale = -1 leaves exactly Ô in it
         # (0 - (-1)·Ô); muon_apply_stack_(p, Ô, lr, wd, scale, cautious) then takes NorMuon's own step.
         second_moments = row_states["second_moment"]
-        wide = orthogonal.dtype == torch.float64 or any(v.dtype == torch.float64 for v in second_moments)
-        dtype = torch.float64 if wide else torch.float32
+        dtype = accumulate_dtype(orthogonal, *second_moments)
         direction = torch.zeros(orthogonal.shape, dtype=dtype, device=orthogonal.device)
         normuon_step_stack_(
             list(direction),
