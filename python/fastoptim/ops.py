@@ -171,7 +171,7 @@ def newton_schulz(
     """
     check.tensor("G", G, min_ndim=2)
     schedule = resolve(coefficients, steps)
-    eps = check.non_negative("eps", eps)
+    eps = check.positive("eps", eps)  # eps = 0 would divide a zero matrix by zero
     compute_dtype = check.compute_dtype("compute_dtype", compute_dtype)
     normalized = check.boolean("normalized", normalized)
     return Call((G, schedule.flat(), schedule.safety, eps, compute_dtype, normalized), backend)
@@ -197,6 +197,7 @@ def muon_momentum_(
     check.same_device("grad", grad, "buf", buf)
     beta = check.beta("beta", beta)
     nesterov = check.boolean("nesterov", nesterov)
+    _check_no_overlap([("buf", buf)], [("grad", grad)])
     nesterov_out = torch.empty_like(buf, memory_format=torch.contiguous_format) if nesterov else None
     return Call((buf, grad, nesterov_out, beta), backend, result=nesterov_out if nesterov else buf)
 
@@ -249,7 +250,11 @@ def muon_momentum_stack_(
     nesterov = check.boolean("nesterov", nesterov)
     normalize = check.boolean("normalize", normalize)
     safety = check.positive("safety", safety)
-    eps = check.non_negative("eps", eps)
+    eps = check.positive("eps", eps)  # eps = 0 would divide a zero matrix by zero
+    _check_no_overlap(
+        [("out", out), *((f"bufs[{i}]", b) for i, b in enumerate(bufs))],
+        [(f"grads[{i}]", g) for i, g in enumerate(grads)],
+    )
     return Call((bufs, grads, out, beta, nesterov, normalize, safety, eps), backend, run=bool(bufs))
 
 
@@ -285,6 +290,7 @@ def muon_apply_(
     weight_decay = check.non_negative("weight_decay", weight_decay)
     scale = check.real("scale", scale)
     cautious = check.boolean("cautious", cautious)
+    _check_no_overlap([("param", param)], [("update", update)])
     return Call((param, update, lr, weight_decay, scale, cautious), backend)
 
 
@@ -332,6 +338,7 @@ def normuon_step_(
     eps = check.positive("eps", eps)
     scale = check.real("scale", scale)
     cautious = check.boolean("cautious", cautious)
+    _check_no_overlap([("param", param), ("second_moment", second_moment)], [("update", update)])
     return Call((param, update, second_moment, lr, weight_decay, beta2, eps, scale, cautious), backend)
 
 
@@ -411,6 +418,10 @@ def _check_no_overlap(written: list[tuple[str, Tensor]], read: list[tuple[str, T
             _overlap_error(furthest[2], name)
         if furthest is None or end > furthest[0]:
             furthest = (end, is_written, name)
+
+
+def _named(name: str, tensors: Sequence[Tensor]) -> list[tuple[str, Tensor]]:
+    return [(f"{name}[{i}]", t) for i, t in enumerate(tensors)]
 
 
 def _overlap_error(first: str, second: str) -> None:
@@ -604,6 +615,10 @@ def sophia_step_(
     weight_decay = check.non_negative("weight_decay", weight_decay)
     eps = check.positive("eps", eps)
     return_unclipped = check.boolean("return_unclipped", return_unclipped)
+    _check_no_overlap(
+        [*_named("params", params), *_named("exp_avgs", exp_avgs)],
+        [*_named("grads", grads), *_named("hessians", hessians)],
+    )
     device = params[0].device if params else torch.device("cpu")
     unclipped_out = torch.zeros((), dtype=torch.float32, device=device) if return_unclipped else None
     args = (params, grads, exp_avgs, hessians, unclipped_out, lr, beta1, rho, weight_decay, eps)
@@ -622,6 +637,7 @@ def hessian_ema_(
     estimates = check.tensor_list("estimates", estimates)
     check.matching_lists(("hessians", "estimates"), (hessians, estimates))
     beta2 = check.beta("beta2", beta2)
+    _check_no_overlap(_named("hessians", hessians), _named("estimates", estimates))
     return Call((hessians, estimates, beta2), backend, run=bool(hessians))
 
 
