@@ -255,7 +255,7 @@ def muon_momentum_stack_(
         [("out", out), *((f"bufs[{i}]", b) for i, b in enumerate(bufs))],
         [(f"grads[{i}]", g) for i, g in enumerate(grads)],
     )
-    return Call((bufs, grads, out, beta, nesterov, normalize, safety, eps), backend, run=bool(bufs))
+    return Call((bufs, grads, out, beta, nesterov, normalize, safety, eps), backend, run=len(bufs) > 0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -484,7 +484,7 @@ def muon_apply_stack_(
     _registry.check_backend_name(backend)
     _check_no_overlap([(f"params[{i}]", p) for i, p in enumerate(params)], [("updates", updates)])
     args = (params, updates, lr, weight_decay, lr_tensor, weight_decay_tensor, scale, cautious)
-    return Call(args, backend, run=bool(params))
+    return Call(args, backend, run=len(params) > 0)
 
 
 def _normuon_step_stack_schema(
@@ -561,7 +561,7 @@ def normuon_step_stack_(
     _check_no_overlap(written, [("updates", updates)])
     args = (params, updates, second_moments, lr, weight_decay, lr_tensor, weight_decay_tensor, beta2, eps, scale,
             cautious)
-    return Call(args, backend, run=bool(params))
+    return Call(args, backend, run=len(params) > 0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -622,7 +622,7 @@ def sophia_step_(
     device = params[0].device if params else torch.device("cpu")
     unclipped_out = torch.zeros((), dtype=torch.float32, device=device) if return_unclipped else None
     args = (params, grads, exp_avgs, hessians, unclipped_out, lr, beta1, rho, weight_decay, eps)
-    return Call(args, backend, result=unclipped_out, run=bool(params))
+    return Call(args, backend, result=unclipped_out, run=len(params) > 0)
 
 
 def _hessian_ema_schema(hessians: List[Tensor], estimates: List[Tensor], beta2: float, backend: str) -> None: ...
@@ -638,7 +638,7 @@ def hessian_ema_(
     check.matching_lists(("hessians", "estimates"), (hessians, estimates))
     beta2 = check.beta("beta2", beta2)
     _check_no_overlap(_named("hessians", hessians), _named("estimates", estimates))
-    return Call((hessians, estimates, beta2), backend, run=bool(hessians))
+    return Call((hessians, estimates, beta2), backend, run=len(hessians) > 0)
 
 
 # The custom ops by name (torch.ops.fastoptim.<name> is the same op): _muon_apply_op, _newton_schulz_op, ...

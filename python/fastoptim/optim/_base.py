@@ -162,7 +162,7 @@ def adamw_group_step(state: dict, group: dict[str, Any]) -> None:
 def init_adamw_state(state: dict, group: dict[str, Any]) -> None:
     """AdamW state of the group's parameters with gradients that have none yet (zeros, step 0)."""
     with_grad = [p for p in group["params"] if p.grad is not None]
-    fused = bool(with_grad) and all(p.device.type == "cuda" for p in with_grad)
+    fused = len(with_grad) > 0 and all(p.device.type == "cuda" for p in with_grad)
     for p in with_grad:
         st = state[p]
         if len(st) == 0:

@@ -253,7 +253,7 @@ def init_state(rule: MatrixRule, group: dict, state: Any, indices: Sequence[int]
         st["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         batch, m, _ = matrix_form(p.shape, group["matrix_view"])
         for key, full in rule.init_row_state(p, batch, m).items():
-            st[key] = distributed.shard_rows_like(p, full, stack=bool(batch))
+            st[key] = distributed.shard_rows_like(p, full, stack=len(batch) > 0)
 
 
 def _meta(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
