@@ -79,12 +79,14 @@ gpu-bench:
 # bounds; inside the allocator's large blocks an overrun would go unseen. Large and >65535-matrix cases
 # are left out (slow under the sanitizer; the plain run covers them); racecheck takes every kernel with
 # shared memory: the symmetric product's cp.async pipeline and the block reductions.
-SANITIZE_SKIP := not 4096 and not grid_y_limit and not 2304 and not 1000 and not reproducible
+SANITIZE_SKIP := not 4096 and not grid_y_limit and not 2304 and not 1000 and not reproducible and not deterministic
 RACECHECK_ONLY := normuon or sophia or hessian or stack or newton_schulz or symmetric
+CUDA_OP_TESTS := tests/test_ops_newton_schulz.py tests/test_ops_muon.py tests/test_ops_normuon.py tests/test_ops_sophia.py \
+	tests/test_cuda_symmetric.py
 gpu-sanitize:
 	mkdir -p $(OUT)
 	-PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 $(GPU_PY) -m pytest -q \
-		tests/test_cuda_ops.py tests/test_cuda_symmetric.py -k "$(SANITIZE_SKIP)" 2>&1 | tee $(OUT)/memcheck.txt
-	-compute-sanitizer --tool racecheck --error-exitcode 1 $(GPU_PY) -m pytest -q tests/test_cuda_ops.py \
-		tests/test_cuda_symmetric.py -k "($(SANITIZE_SKIP)) and ($(RACECHECK_ONLY)) and not 768 and not speed" \
+		$(CUDA_OP_TESTS) -m "not large" -k "cuda and ($(SANITIZE_SKIP))" 2>&1 | tee $(OUT)/memcheck.txt
+	-compute-sanitizer --tool racecheck --error-exitcode 1 $(GPU_PY) -m pytest -q $(CUDA_OP_TESTS) -m "not large" \
+		-k "cuda and ($(SANITIZE_SKIP)) and ($(RACECHECK_ONLY)) and not 768 and not speed" \
 		2>&1 | tee $(OUT)/racecheck.txt
