@@ -79,8 +79,7 @@ def check_betas(name: str, value: object) -> tuple[float, float]:
     return (check.beta(f"{name}[0]", value[0]), check.beta(f"{name}[1]", value[1]))
 
 
-def check_backend(value: object) -> str:
-    return backends.check_backend_name(value)
+check_backend = backends.check_backend_name  # the one backend-name check (fastoptim._registry)
 
 
 def check_positive_int(name: str, value: object) -> int:

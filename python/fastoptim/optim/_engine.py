@@ -108,8 +108,8 @@ def bucket_units(
     for i in indices:
         p = group["params"][i]
         t = local(p) if use_local else p
+        cols = matrix_form(t.shape, group["matrix_view"])[2]
         for matrix in matrices(t.shape, group["matrix_view"], group.get("split_sizes")):
-            cols = matrix_form(t.shape, group["matrix_view"])[2]
             if matrix.rows == 0 or cols == 0:
                 continue  # nothing to orthogonalize (and nothing to divide by)
             found.setdefault((matrix.rows, cols, t.dtype, t.device), []).append(Unit(i, matrix))
