@@ -9,6 +9,13 @@ A parameter of a matrix group is one or more *matrices*, each orthogonalized on 
 - ``matrix_view="flatten"`` (the default for 4-D and larger: conv kernels): one matrix
   (shape[0], numel / shape[0]) — a Conv2d kernel (out, in, kh, kw) reads as (out, in·kh·kw). A Conv1d
   kernel (out, in, k) is 3-D: give its group ``matrix_view="flatten"`` (`fastoptim.param_groups` does);
+- ``matrix_view="transposed"``: weights stored (in, out), as transformers' GPT-2-style ``Conv1D``
+  (y = x W + b): read like "stack", but the layer's matrix is the transpose of the stored one. The
+  engine keeps the stored orientation for the momentum and Newton–Schulz (NS(Gᵀ) = NS(G)ᵀ), and only
+  the orientation-dependent parts read (out, in): the shape scale and the row statistics (NorMuon's
+  ``second_moment`` has one value per output neuron, shape (*batch, out)). NorMuon's apply then works on
+  bucket-sized transposed copies of the Newton–Schulz output and of its direction (never of a parameter).
+  No ``split_sizes`` and no DTensor parameters (refused when the group is added);
 - ``split_sizes`` cuts the rows of every matrix into blocks orthogonalized separately (per-head or
   split-QKV).
 
@@ -26,7 +33,7 @@ from typing import NamedTuple
 from torch import Tensor
 
 SCALE_MODES = ("original", "match_rms_adamw", "spectral")
-MATRIX_VIEWS = ("auto", "stack", "flatten")
+MATRIX_VIEWS = ("auto", "stack", "flatten", "transposed")
 
 
 def shape_scale(mode: str, m: int, n: int) -> float:
@@ -43,7 +50,7 @@ def shape_scale(mode: str, m: int, n: int) -> float:
 def reads_as_stack(shape: Sequence[int], matrix_view: str) -> bool:
     """Whether a tensor of this shape is a stack of matrices (its leading dimensions index matrices)."""
     ndim = len(shape)
-    return ndim >= 3 and (matrix_view == "stack" or (matrix_view == "auto" and ndim == 3))
+    return ndim >= 3 and (matrix_view in ("stack", "transposed") or (matrix_view == "auto" and ndim == 3))
 
 
 def matrix_form(shape: Sequence[int], matrix_view: str) -> tuple[tuple[int, ...], int, int]:
@@ -53,6 +60,13 @@ def matrix_form(shape: Sequence[int], matrix_view: str) -> tuple[tuple[int, ...]
         return shape[:-2], shape[-2], shape[-1]
     m = shape[0]
     return (), m, (math.prod(shape[1:]))
+
+
+def layer_form(shape: Sequence[int], matrix_view: str) -> tuple[tuple[int, ...], int, int]:
+    """(batch shape, out, in): the matrices as the layer reads them — `matrix_form` with its last two sizes
+    swapped for ``"transposed"`` (weights stored (in, out)). The shape scale and row statistics use it."""
+    batch, m, n = matrix_form(shape, matrix_view)
+    return (batch, n, m) if matrix_view == "transposed" else (batch, m, n)
 
 
 def row_blocks(split_sizes: Sequence[int] | None, m: int) -> list[tuple[int, int]]:
@@ -72,6 +86,7 @@ class Matrix(NamedTuple):
     r0: int
     r1: int
     whole: bool  # the whole tensor (no batch index, all rows): its views are the tensors themselves
+    transposed: bool = False  # stored (in, out) (matrix_view="transposed"): its row statistics are per column
 
     @property
     def rows(self) -> int:
@@ -86,10 +101,11 @@ class Matrix(NamedTuple):
         return t[self.r0 : self.r1]
 
     def rows_of(self, row_state: Tensor) -> Tensor:
-        """This matrix's view of a (*batch, m) per-row statistic."""
+        """This matrix's view of a (*batch, m) per-row statistic ((*batch, out) when transposed: all of it, as a
+        transposed matrix has no row blocks)."""
         if self.index:
             row_state = row_state[self.index]
-        return row_state[self.r0 : self.r1]
+        return row_state if self.transposed else row_state[self.r0 : self.r1]
 
 
 def matrices(shape: Sequence[int], matrix_view: str, split_sizes: Sequence[int] | None) -> list[Matrix]:
@@ -100,7 +116,7 @@ def matrices(shape: Sequence[int], matrix_view: str, split_sizes: Sequence[int] 
     for flat in range(math.prod(batch)):
         index = _unravel(flat, batch)
         for r0, r1 in blocks:
-            out.append(Matrix(index, r0, r1, not index and (r0, r1) == (0, m)))
+            out.append(Matrix(index, r0, r1, not index and (r0, r1) == (0, m), matrix_view == "transposed"))
     return out
 
 

@@ -54,7 +54,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import _validation as check
 from .. import backends, distributed
-from .._geometry import MATRIX_VIEWS, SCALE_MODES, matrix_form, reads_as_stack
+from .._geometry import MATRIX_VIEWS, SCALE_MODES, layer_form, matrix_form, reads_as_stack
 from ..coefficients import resolve
 from . import _engine
 from ._checkpoint import CopyableOptimizer, load_checked
@@ -215,7 +215,7 @@ def expected_state_shape(group: dict, p: Tensor, key: str) -> tuple[int, ...] | 
     if key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
         return tuple(p.shape)
     if key == "second_moment":
-        batch, m, _ = matrix_form(p.shape, group.get("matrix_view", "auto"))
+        batch, m, _ = layer_form(p.shape, group.get("matrix_view", "auto"))
         return (*batch, m)
     if key == "step":
         return ()
@@ -300,6 +300,14 @@ class MatrixOptimizer(CopyableOptimizer, torch.optim.Optimizer):
                         f"use_muon=True but params[{i}] has shape {tuple(p.shape)}: Muon/NorMuon "
                         "orthogonalize matrices (ndim >= 2); put vectors and scalars in a "
                         "use_muon=False (AdamW) group"
+                    )
+                if group["matrix_view"] == "transposed" and (
+                    group.get("split_sizes") is not None or distributed.is_dtensor(p)
+                ):
+                    what = "split_sizes" if group.get("split_sizes") is not None else "DTensor parameters"
+                    raise ValueError(
+                        f"matrix_view='transposed' does not take {what} (params[{i}], shape {tuple(p.shape)}): "
+                        "its weights are stored (in, out), so output-neuron blocks and row shards are columns"
                     )
                 if group.get("split_sizes") is not None:
                     _, m, _ = matrix_form(p.shape, group["matrix_view"])

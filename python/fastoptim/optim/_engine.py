@@ -37,7 +37,15 @@ import torch
 from torch import Tensor
 
 from .. import distributed
-from .._geometry import Matrix, matrices, matrix_form, newton_schulz_flops, reads_as_stack, shape_scale
+from .._geometry import (
+    Matrix,
+    layer_form,
+    matrices,
+    matrix_form,
+    newton_schulz_flops,
+    reads_as_stack,
+    shape_scale,
+)
 from ..coefficients import Schedule, resolve
 from ..ops import check_call, muon_apply_stack_, muon_momentum_stack_, newton_schulz
 
@@ -114,8 +122,10 @@ def bucket_units(
                 continue  # nothing to orthogonalize (and nothing to divide by)
             found.setdefault((matrix.rows, cols, t.dtype, t.device), []).append(Unit(i, matrix))
     steps = len(schedule.triples)
+    transposed = group["matrix_view"] == "transposed"  # stored (in, out): the layer's matrix is (cols, rows)
     return [
-        Bucket(rows, cols, dtype, device, shape_scale(group["scale_mode"], rows, cols),
+        Bucket(rows, cols, dtype, device,
+               shape_scale(group["scale_mode"], *((cols, rows) if transposed else (rows, cols))),
                newton_schulz_flops(rows, cols, steps), units)
         for (rows, cols, dtype, device), units in found.items()
     ]
@@ -195,10 +205,24 @@ class Compute:
     def views(self, state: Any, units: Sequence[Unit]) -> BucketViews:
         return views(self.group, state, units, self.rule.row_state_keys)
 
+    def transposes_rows(self) -> bool:
+        """Whether the rule's row statistics must read the (out, in) transpose of the stored matrices: a
+        "transposed" group (weights stored (in, out)) of a rule with row state (NorMuon). Momentum and
+        Newton–Schulz need no transpose (NS(Gᵀ) = NS(G)ᵀ), nor does Muon's apply (its scale is the bucket's)."""
+        return self.group["matrix_view"] == "transposed" and len(self.rule.row_state_keys) > 0
+
     def apply(self, params: list[Tensor], orthogonal: Tensor, row_states: dict[str, list[Tensor]], scale: float):
+        if self.transposes_rows():
+            # Bucket-sized transients: Oᵀ, the (out, in) direction and its transpose back (contiguous, so the
+            # fused kernels run); the parameters are never copied.
+            self.apply_direction(params, self.direction(orthogonal, row_states), scale)
+            return
         self.rule.apply_bucket(self.group, params, orthogonal, row_states, scale)
 
     def direction(self, orthogonal: Tensor, row_states: dict[str, list[Tensor]]) -> Tensor:
+        if self.transposes_rows():
+            transposed = orthogonal.mT.contiguous()
+            return self.rule.direction_bucket(self.group, transposed, row_states).mT.contiguous()
         return self.rule.direction_bucket(self.group, orthogonal, row_states)
 
     def apply_direction(self, params: list[Tensor], direction: Tensor, scale: float) -> None:
@@ -251,7 +275,7 @@ def init_state(rule: MatrixRule, group: dict, state: Any, indices: Sequence[int]
             continue
         dtype = group.get("state_dtype") or p.dtype
         st["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        batch, m, _ = matrix_form(p.shape, group["matrix_view"])
+        batch, m, _ = layer_form(p.shape, group["matrix_view"])  # one row statistic per output neuron
         for key, full in rule.init_row_state(p, batch, m).items():
             st[key] = distributed.shard_rows_like(p, full, stack=len(batch) > 0)
 
@@ -279,7 +303,7 @@ def precheck_backends(rule: MatrixRule, group: dict, plan: GroupPlan, state: Any
             params.append(matrix.of(_meta(p)))
             grads.append(matrix.of(_meta(p.grad)))
             bufs.append(matrix.of(_meta(buf) if buf is not None else _meta(p, state_dtype or p.dtype)))
-            batch, m, _ = matrix_form(local(p).shape, group["matrix_view"])
+            batch, m, _ = layer_form(local(p).shape, group["matrix_view"])
             for key in rule.row_state_keys:
                 row = st.get(key)
                 stand_in = _meta(row) if row is not None else torch.empty((*batch, m), device="meta")
@@ -290,4 +314,13 @@ def precheck_backends(rule: MatrixRule, group: dict, plan: GroupPlan, state: Any
                    group["backend"], normalize=True, safety=plan.schedule.safety, eps=NS_EPS, device=device)
         check_call("newton_schulz", stack, coefficients=plan.schedule, eps=NS_EPS, compute_dtype=group["ns_dtype"],
                    backend=group["backend"], normalized=True, device=device)
+        if group["matrix_view"] == "transposed" and len(rule.row_state_keys) > 0:
+            # Compute.apply's path: the rule's step on the (P, out, in) transpose into a direction, then
+            # muon_apply_stack_ of the direction on the stored (in, out) parameters.
+            dtype = rule.direction_dtype(group, params[0].dtype)
+            direction = torch.empty((len(params), bucket.cols, bucket.rows), dtype=dtype, device="meta")
+            rule.apply_bucket(group, list(direction), stack.mT.contiguous(), row_states, -1.0, check_device=device)
+            check_call("muon_apply_stack_", params, direction.mT.contiguous(), group["lr"], group["weight_decay"],
+                       bucket.scale, group["cautious_weight_decay"], group["backend"], device=device)
+            continue
         rule.apply_bucket(group, params, stack, row_states, bucket.scale, check_device=device)

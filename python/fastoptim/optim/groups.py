@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,8 +26,13 @@ def param_groups(
     - Muon / NorMuon (``use_muon=True``): all other matrices (hidden linear and conv weights, expert
       banks). A 3-D tensor reads as a stack of matrices by default (an MoE bank (E, m, n)); the 3-D
       kernels of 1-D convolutions (nn.Conv1d, nn.ConvTranspose1d) are matrices (out, in·k) instead, so
-      they get a group of their own with ``matrix_view="flatten"`` (unless ``matrix_options`` sets
-      ``matrix_view``).
+      they get a group of their own with ``matrix_view="flatten"``; the weights of transformers'
+      GPT-2-style ``Conv1D`` (``transformers.pytorch_utils.Conv1D``: stored (in, out), y = x W + b) get
+      one with ``matrix_view="transposed"``, so that the shape scale reads (out, in) and NorMuon's
+      statistics are per output neuron (unless ``matrix_options`` sets ``matrix_view``). transformers is
+      never imported here: a model can hold a ``Conv1D`` only once transformers has imported it.
+    - Tied weights: a parameter that is an embedding's weight and also another module's (a tied LM head,
+      whatever its module or name: nn.Linear, Conv1D) is an embedding weight, so it goes to AdamW, once.
 
     ``matrix_options`` (e.g. ``lr=0.02, weight_decay=0.01``) go into the matrix groups; the AdamW
     group takes the optimizer's ``adamw_*`` settings. Groups that would be empty are left out.
@@ -49,7 +55,8 @@ def param_groups(
     conv1d_weights = {
         id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)) and m.weight.dim() == 3
     }
-    matrices, conv1d, others = [], [], []
+    transposed_weights = {id(m.weight) for m in model.modules() if _is_transformers_conv1d(m)}
+    matrices, conv1d, transposed, others = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -57,6 +64,8 @@ def param_groups(
             others.append(p)
         elif id(p) in conv1d_weights and "matrix_view" not in matrix_options:
             conv1d.append(p)
+        elif id(p) in transposed_weights and "matrix_view" not in matrix_options:
+            transposed.append(p)
         else:
             matrices.append(p)
     groups = []
@@ -64,9 +73,18 @@ def param_groups(
         groups.append({"params": matrices, "use_muon": True, **matrix_options})
     if conv1d:
         groups.append({"params": conv1d, "use_muon": True, "matrix_view": "flatten", **matrix_options})
+    if transposed:
+        groups.append({"params": transposed, "use_muon": True, "matrix_view": "transposed", **matrix_options})
     if others:
         groups.append({"params": others, "use_muon": False})
     return groups
+
+
+def _is_transformers_conv1d(module: nn.Module) -> bool:
+    """Whether module is a transformers ``Conv1D`` (weight (in, out)), without importing transformers."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(pytorch_utils, "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d) and module.weight.dim() == 2
 
 
 def sophia_sampled_loss(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
