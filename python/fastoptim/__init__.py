@@ -20,6 +20,7 @@ from .ops import (
     sophia_step_,
 )
 from .optim import Muon, NorMuon, SophiaG, SophiaH, param_groups, sophia_sampled_loss
+from .qk_clip import QKClip
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "BackendUnavailableError",
     "Muon",
     "NorMuon",
+    "QKClip",
     "SophiaG",
     "SophiaH",
     "backends",

@@ -37,6 +37,9 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        # Hook point: when set, called as logit_hook(q, k) with the (batch, heads, time, head_dim) queries and
+        # keys before attention (fastoptim.QKClip.for_gpt records each head's maximum logit here).
+        self.logit_hook = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, time, channels = x.shape
@@ -45,6 +48,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (
             t.view(batch, time, self.n_head, channels // self.n_head).transpose(1, 2) for t in (q, k, v)
         )
+        if self.logit_hook is not None:
+            self.logit_hook(q, k)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(batch, time, channels))
 
