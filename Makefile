@@ -21,7 +21,7 @@ $(PY):
 $(STAMP): $(PY) $(SOURCES)
 	$(PY) -m pip install --upgrade pip "setuptools>=64" wheel ninja
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install --no-build-isolation -e ".[test]"
+	$(PY) -m pip install --no-build-isolation -e ".[test,compare]"
 	@# triton <= 3.6 (torch <= 2.11) runs its CPU interpreter, which the tests use, only with numpy < 2.4
 	$(PY) -c "from fastoptim.backends import interpreter_conflict as c; raise SystemExit(c())" \
 		|| $(PY) -m pip install "numpy<2.4"

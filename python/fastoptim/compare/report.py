@@ -179,7 +179,7 @@ def write_plot(out: Path, runs: Sequence[RunResult], title: str) -> Path | None:
     try:
         import matplotlib
     except ImportError:
-        logger.warning("matplotlib is not installed: %s not written (pip install matplotlib)", PLOT_PNG)
+        logger.warning("matplotlib is not installed: %s not written (pip install 'fastoptim[compare]')", PLOT_PNG)
         return None
 
     matplotlib.use("Agg")
