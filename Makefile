@@ -55,9 +55,16 @@ bench: install
 # gpu-tests, gpu-bench), for a machine that limits how long one command may run. The ahead-of-time Triton
 # compile test is left to CI there (it needs no GPU).
 OUT ?= bench/results/gpu
-GPU_PY ?= python
-.PHONY: gpu-build gpu-tests gpu-bench
+GPU_PY ?= python3
+.PHONY: gpu-build gpu-tests gpu-bench gpu-evidence
 gpu-check: gpu-build gpu-tests gpu-bench
+
+# The one call for a lent GPU (at most 8 minutes, at most 8 files under OUT, RESULTS.md rendered): build for
+# sm_90a with every core, the cuda/triton tests (a prioritized subset first), the headline benchmarks in one run,
+# a short compare; each stage with a hard time limit (bench/gpu_evidence.py). GPU_DRY_RUN=1 rehearses it on a CPU.
+EVIDENCE_BUDGET ?= 470
+gpu-evidence:
+	$(GPU_PY) bench/gpu_evidence.py --out $(OUT) --budget $(EVIDENCE_BUDGET)
 
 gpu-build:
 	mkdir -p $(OUT)

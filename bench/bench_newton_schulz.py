@@ -13,7 +13,7 @@ import torch
 import fastoptim
 from fastoptim import reference
 
-from benchutil import DEVICE, HAS_CUDA, backends_to_compare, record, rotating, timed
+from benchutil import DEVICE, HAS_CUDA, backends_to_compare, ns_flops, record, rotating, timed, torch_optim_muon_ns
 
 STEPS = 5
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
@@ -28,32 +28,30 @@ else:  # CPU: small shapes only, so the file runs in CI
     GPT2_STACK = [(2, 16, 16), (2, 16, 48), (2, 16, 64), (2, 64, 16)]
 
 
-def ns_flops(batch: int, m: int, n: int, steps: int = STEPS) -> float:
-    s, l = min(m, n), max(m, n)
-    return batch * steps * (4 * s * s * l + 2 * s**3)
-
-
 def ids(shape):
     return "x".join(map(str, shape))
-
-
-def torch_optim_muon_ns():
-    """torch.optim.Muon's private 2-D iteration, where the installed torch has it."""
-    try:
-        from torch.optim._muon import _zeropower_via_newtonschulz
-    except ImportError:
-        return None
-    return _zeropower_via_newtonschulz
 
 
 IMPLEMENTATIONS = [f"fastoptim-{name}" for name in backends_to_compare("newton_schulz")] + ["torch-loop"]
 if "fastoptim-cuda" in IMPLEMENTATIONS:
     IMPLEMENTATIONS.append("fastoptim-cuda-symmetric")  # the upper-triangle tensor-core kernel, forced
-if torch_optim_muon_ns() is not None:
+TORCH_MUON_NS = torch_optim_muon_ns()
+if hasattr(torch.optim, "Muon"):
     IMPLEMENTATIONS.append("torch.optim.Muon")
 
 
+def torch_optim_muon_steps(G: torch.Tensor):
+    """The fallback where torch.optim.Muon's private helper is unusable: one whole torch.optim.Muon step per
+    matrix (its momentum and update included, a little more than its Newton–Schulz), built here, untimed."""
+    params = [torch.nn.Parameter(g.clone()) for g in G]
+    for p, g in zip(params, G):
+        p.grad = g
+    optimizers = [torch.optim.Muon([p], ns_steps=STEPS) for p in params]
+    return lambda: [optimizer.step() for optimizer in optimizers]
+
+
 def make_call(impl: str, G: torch.Tensor):
+    """The call to time on G, prepared here (outside the timed region)."""
     if impl == "fastoptim-cuda-symmetric":
         return lambda: fastoptim.newton_schulz(G, STEPS, compute_dtype=DTYPE, backend="cuda")
     if impl.startswith("fastoptim-"):
@@ -61,8 +59,9 @@ def make_call(impl: str, G: torch.Tensor):
         return lambda: fastoptim.newton_schulz(G, STEPS, compute_dtype=DTYPE, backend=backend)
     if impl == "torch-loop":  # the plain-PyTorch iteration, one matrix at a time
         return lambda: [reference.newton_schulz(g, STEPS, compute_dtype=DTYPE) for g in G]
-    zeropower = torch_optim_muon_ns()
-    return lambda: [zeropower(g, (3.4445, -4.775, 2.0315), STEPS, 1e-7) for g in G]
+    if TORCH_MUON_NS is not None:  # torch.optim.Muon: its own per-matrix iteration
+        return lambda: [TORCH_MUON_NS(g, STEPS) for g in G]
+    return torch_optim_muon_steps(G)
 
 
 @pytest.fixture(autouse=True)
@@ -76,24 +75,33 @@ def _symmetric_switch(request, monkeypatch):
 @pytest.mark.parametrize("shape", SHAPES, ids=ids)
 def test_newton_schulz(benchmark, ceilings, impl, shape):
     batch, m, n = shape
-    inputs = rotating(lambda: torch.randn(batch, m, n, device=DEVICE, dtype=DTYPE), batch * m * n * 2)
+    calls = rotating(lambda: make_call(impl, torch.randn(batch, m, n, device=DEVICE, dtype=DTYPE)), batch * m * n * 2)
     benchmark.group = f"newton_schulz {ids(shape)} {STEPS} steps"
-    benchmark(timed(lambda: make_call(impl, next(inputs))()))
-    record(benchmark, ceilings, flops=ns_flops(batch, m, n), impl=impl, shape=ids(shape))
+    benchmark(timed(lambda: next(calls)()))
+    record(benchmark, ceilings, flops=ns_flops(batch, m, n, STEPS), impl=impl, shape=ids(shape),
+           **torch_muon_path(impl))
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_newton_schulz_gpt2_small_stack(benchmark, ceilings, impl):
     """The 48 hidden matrices of GPT-2 small: one batched call per shape vs one call per matrix."""
     stacks = rotating(
-        lambda: [torch.randn(s, device=DEVICE, dtype=DTYPE) for s in GPT2_STACK],
+        lambda: [make_call(impl, torch.randn(s, device=DEVICE, dtype=DTYPE)) for s in GPT2_STACK],
         sum(b * m * n * 2 for b, m, n in GPT2_STACK),
     )
 
     def run():
-        for G in next(stacks):
-            make_call(impl, G)()
+        for call in next(stacks):
+            call()
 
     benchmark.group = "newton_schulz gpt2-small stack"
     benchmark(timed(run))
-    record(benchmark, ceilings, flops=sum(ns_flops(*s) for s in GPT2_STACK), impl=impl, shape="gpt2-small-48")
+    record(benchmark, ceilings, flops=sum(ns_flops(*s, STEPS) for s in GPT2_STACK), impl=impl, shape="gpt2-small-48",
+           **torch_muon_path(impl))
+
+
+def torch_muon_path(impl: str) -> dict:
+    """Which torch.optim.Muon code a row timed: its Newton–Schulz helper, or whole steps (the fallback)."""
+    if impl != "torch.optim.Muon":
+        return {}
+    return {"torch_muon": "_zeropower_via_newtonschulz" if TORCH_MUON_NS is not None else "optimizer steps"}

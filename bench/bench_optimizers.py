@@ -13,12 +13,14 @@ import torch
 
 import fastoptim
 
-from benchutil import DEVICE, HAS_CUDA, record, timed
+from benchutil import DEVICE, HAS_CUDA, ns_flops, record, timed
 
 if HAS_CUDA:
     VOCAB, CONTEXT, WIDTH, LAYERS = 50257, 1024, 768, 12
 else:
     VOCAB, CONTEXT, WIDTH, LAYERS = 256, 64, 32, 2
+# Per layer: attention QKV and output projection, MLP up and down.
+LAYER_MATRICES = ((3 * WIDTH, WIDTH), (WIDTH, WIDTH), (4 * WIDTH, WIDTH), (WIDTH, 4 * WIDTH))
 
 
 def gpt2_parameters() -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
@@ -27,8 +29,7 @@ def gpt2_parameters() -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter
     matrices, others = [], [torch.nn.Parameter(torch.randn(VOCAB, d) * 0.02),
                             torch.nn.Parameter(torch.randn(CONTEXT, d) * 0.01)]
     for _ in range(LAYERS):
-        matrices += [torch.nn.Parameter(torch.randn(shape) * 0.02) for shape in
-                     ((3 * d, d), (d, d), (4 * d, d), (d, 4 * d))]
+        matrices += [torch.nn.Parameter(torch.randn(shape) * 0.02) for shape in LAYER_MATRICES]
         others += [torch.nn.Parameter(torch.ones(d)) for _ in range(4)]  # two layer norms, weight and bias
         others += [torch.nn.Parameter(torch.zeros(n)) for n in (3 * d, d, 4 * d, d)]  # linear biases
     others += [torch.nn.Parameter(torch.ones(d)), torch.nn.Parameter(torch.zeros(d))]  # final layer norm
@@ -75,4 +76,16 @@ def test_optimizer_step_gpt2_small(benchmark, ceilings, impl):
     state_bytes = sum(t.numel() * t.element_size() for o in optimizers for s in o.state.values()
                       for t in s.values() if isinstance(t, torch.Tensor))
     record(benchmark, ceilings, impl="fastoptim-torch" if impl.endswith("[torch backend]") else impl,
-           state_mib=state_bytes / 2**20)
+           state_mib=state_bytes / 2**20, **step_work(impl, optimizers))
+
+
+def step_work(impl: str, optimizers) -> dict:
+    """What a row's throughput counts. Muon-family steps: the dense Newton–Schulz FLOPs of the hidden matrices
+    (5 steps each; the AdamW part and the elementwise work are left out, so the TFLOP/s is a lower bound).
+    AdamW and SophiaG (no Hessian refresh in this step): the fewest fp32 bytes the step must move, AdamW reading
+    p, g, m, v and writing p, m, v (7 per element), SophiaG reading p, g, m, h and writing p, m (6)."""
+    if "Muon" in impl:
+        return {"flops": LAYERS * sum(ns_flops(1, m, n) for m, n in LAYER_MATRICES), "work": "Newton–Schulz FLOPs"}
+    numel = sum(p.numel() for o in optimizers for group in o.param_groups for p in group["params"])
+    per_element = 6 if impl == "fastoptim.SophiaG" else 7
+    return {"bytes_moved": numel * 4 * per_element, "work": f"{per_element} fp32 accesses per element"}

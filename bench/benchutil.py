@@ -40,6 +40,48 @@ def backends_to_compare(op: str) -> list[str]:
     return names
 
 
+def ns_flops(batch: int, m: int, n: int, steps: int = 5) -> float:
+    """Dense FLOPs of `steps` Newton–Schulz iterations on a (batch, m, n) stack: with Gram side s = min(m, n)
+    and long side l = max(m, n), X Xᵀ 2s²l, A·A 2s³, B·X 2s²l per iteration (the same count for every
+    implementation: a kernel that skips the symmetric half shows up as a higher TFLOP/s)."""
+    s, l = min(m, n), max(m, n)
+    return batch * steps * (4 * s * s * l + 2 * s**3)
+
+
+TORCH_MUON_COEFFICIENTS = (3.4445, -4.775, 2.0315)
+
+
+def torch_optim_muon_ns():
+    """torch.optim.Muon's own per-matrix Newton–Schulz as fn(matrix, steps) -> matrix, or None.
+
+    The private helper torch.optim._muon._zeropower_via_newtonschulz(grad, ns_coefficients, ns_steps, eps)
+    (torch 2.9 to 2.14 as read here; other versions add use_addmm, passed as torch.optim.Muon's default so the
+    row measures what the optimizer does). None where torch has no torch.optim.Muon, no such helper, or one
+    with another required argument: then bench_newton_schulz falls back to whole torch.optim.Muon steps."""
+    import inspect
+
+    if not hasattr(torch.optim, "Muon"):
+        return None
+    try:
+        from torch.optim._muon import _zeropower_via_newtonschulz as helper
+    except ImportError:
+        return None
+    try:
+        parameters = list(inspect.signature(helper).parameters.values())
+        muon_defaults = {name: p.default for name, p in inspect.signature(torch.optim.Muon).parameters.items()}
+    except (TypeError, ValueError):
+        return None
+    extra = {}
+    for parameter in parameters[4:]:
+        if parameter.name == "use_addmm":
+            extra["use_addmm"] = bool(muon_defaults.get("use_addmm", False))
+        elif parameter.default is inspect.Parameter.empty:
+            return None  # an argument this benchmark does not know how to fill
+    if len(parameters) < 4:
+        return None
+    return lambda matrix, steps: helper(matrix, TORCH_MUON_COEFFICIENTS, steps, 1e-7, **extra)
+
+
 def synchronize() -> None:
     if HAS_CUDA:
         torch.cuda.synchronize()

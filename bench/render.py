@@ -26,11 +26,7 @@ def _fmt(value, spec: str) -> str:
 
 def render(data: dict) -> str:
     machine = data.get("machine_info", {})
-    groups: dict[str, list[dict]] = defaultdict(list)
-    first_info: dict = {}
-    for bench in data.get("benchmarks", []):
-        groups[bench.get("group") or bench["name"]].append(bench)
-        first_info = first_info or bench.get("extra_info", {})
+    first_info = next((b.get("extra_info", {}) for b in data.get("benchmarks", [])), {})
     lines = [
         "# fastoptim benchmark results",
         "",
@@ -45,13 +41,22 @@ def render(data: dict) -> str:
             "- **CPU-only machine: small shapes only.** These numbers check that the benchmarks run; "
             "they say nothing about GPU speed."
         )
+    return "\n".join(lines + render_tables(data)) + "\n"
+
+
+def render_tables(data: dict, level: str = "##") -> list[str]:
+    """The lines of one table per benchmark group (headings at `level`), fastest first."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for bench in data.get("benchmarks", []):
+        groups[bench.get("group") or bench["name"]].append(bench)
+    lines: list[str] = []
     for group in sorted(groups):
         rows = groups[group]
         medians = {r["extra_info"].get("impl", r["name"]): r["stats"]["median"] for r in rows}
         baseline = next((medians[b] for b in BASELINES if b in medians), None)
         lines += [
             "",
-            f"## {group}",
+            f"{level} {group}",
             "",
             "| implementation | median ms | throughput | of ceiling | speed-up vs baseline |",
             "|---|---:|---:|---:|---:|",
@@ -71,9 +76,9 @@ def render(data: dict) -> str:
             percent = _fmt(None if fraction is None else 100 * fraction, '.0f')
             lines.append(
                 f"| {info.get('impl', r['name'])} | {median * 1e3:.3f} | {throughput} | "
-                f"{percent}{'' if percent == '—' else '%'} | {_fmt(speedup, '.2f')}x |"
+                f"{percent}{'' if percent == '—' else '%'} | {_fmt(speedup, '.2f')}{'x' if speedup else ''} |"
             )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> int:

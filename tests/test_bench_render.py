@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -57,3 +58,51 @@ def test_bench_json_from_a_real_run_renders(tmp_path):
     text = load_render().render(json.loads(out.read_text()))
     assert "## muon_apply" in text and "fastoptim-torch" in text and "GB/s" in text
     assert "torch " in text and ("CPU-only machine" in text) == (not torch.cuda.is_available())
+
+
+def load_bench(name, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # the bench modules import benchutil
+    spec = importlib.util.spec_from_file_location(f"evidence_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason=f"torch {torch.__version__} has no torch.optim.Muon")
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48)], ids=["wide", "tall"])
+def test_torch_optim_muon_row_times_its_newton_schulz(monkeypatch, shape):
+    """The benchmark's torch.optim.Muon row calls torch's own iteration with Muon's coefficients: against the
+    float64 iteration its bf16 error is that of fastoptim's reference in bf16 (within 2x), where another schedule
+    or a missed normalization would be off by tens of percent."""
+    from fastoptim import reference
+
+    zeropower = load_bench("benchutil", monkeypatch).torch_optim_muon_ns()
+    assert zeropower is not None, "torch.optim.Muon exists but its Newton–Schulz helper was not found"
+    G = torch.randn(shape, dtype=torch.float32)
+    exact = reference.newton_schulz(G.double(), 5, compute_dtype=torch.float64)
+    ours = reference.newton_schulz(G, 5, compute_dtype=torch.bfloat16).double()
+    theirs = zeropower(G, 5).double()
+    assert theirs.shape == G.shape
+
+    def error(x):
+        return float((x - exact).norm() / exact.norm())
+
+    assert error(theirs) <= 2 * error(ours) + 1e-3, (error(theirs), error(ours))
+    assert error(ours) < 0.05
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason=f"torch {torch.__version__} has no torch.optim.Muon")
+def test_torch_optim_muon_row_falls_back_to_whole_steps(monkeypatch):
+    """Where the private helper is unusable the row times torch.optim.Muon steps, one per matrix, built untimed."""
+    bench = load_bench("bench_newton_schulz", monkeypatch)
+    monkeypatch.setattr(bench, "TORCH_MUON_NS", None)
+    G = torch.randn(3, 16, 24)
+    call = bench.make_call("torch.optim.Muon", G)
+    assert bench.torch_muon_path("torch.optim.Muon") == {"torch_muon": "optimizer steps"}
+    call()
+    optimizers = call.__closure__[0].cell_contents
+    assert len(optimizers) == 3
+    for optimizer, g in zip(optimizers, G):
+        (param,) = optimizer.param_groups[0]["params"]
+        assert not torch.equal(param.detach(), g)  # stepped
+        assert torch.equal(optimizer.state[param]["momentum_buffer"], 0.05 * g)  # (1 - momentum) * grad
