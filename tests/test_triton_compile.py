@@ -96,3 +96,26 @@ def test_every_kernel_compiles(compiled, arch):
         assert r["shared"] <= MAX_SHARED[arch], f"{r['kernel']} needs {r['shared']} bytes of shared memory: {r}"
         threads = r["num_warps"] * 32
         assert threads <= 1024 and r["regs"] * threads <= REGISTERS_PER_SM, f"{r['kernel']} cannot launch: {r}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Every other kernel is memory-bound: what keeps it at the copy bandwidth (issue 15)
+
+NS_PRODUCT_KERNELS = ("_symmetric_product_kernel", "_product_axpy_kernel")  # matrix-bound; guarded above
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_memory_bound_kernels_do_not_spill_and_keep_two_ctas_per_sm(compiled, arch):
+    """The elementwise and reduction kernels (momentum, apply, NorMuon row statistics, Sophia, the stack and
+    normalization kernels): no register spills and no stack frame in any compiled configuration (local-memory
+    traffic would add to the bytes they exist to minimize), and registers for at least two CTAs per SM, so
+    loads of one CTA overlap another's arithmetic."""
+    _, records, kernels, _ = compiled[arch]
+    memory_bound = [r for r in records if "error" not in r and r["kernel"] not in NS_PRODUCT_KERNELS]
+    # Every such kernel of the package was compiled (a kernel missing here would go unguarded).
+    assert {r["kernel"] for r in memory_bound} == set(kernels) - set(NS_PRODUCT_KERNELS)
+    for r in memory_bound:
+        spills = r["spill_stores"] if r["spill_stores"] is not None else r["local"]
+        assert spills == 0 and (r["spill_loads"] or 0) == 0 and r["stack"] == 0, \
+            f"{r['kernel']} spills ({r['call']}): {r}"
+        assert 2 * r["regs"] * r["num_warps"] * 32 <= REGISTERS_PER_SM, f"{r['kernel']} ({r['call']}): {r['regs']} regs"
