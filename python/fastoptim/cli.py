@@ -1,4 +1,4 @@
-"""The command line: ``python -m fastoptim {info,demo,compare}``."""
+"""The command line: ``python -m fastoptim {info,demo,compare,sweep}``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 import fastoptim
 from fastoptim import backends
 from fastoptim.compare import cli as compare
+from fastoptim.compare import sweep
 
 
 def _versions() -> list[tuple[str, str]]:
@@ -97,5 +98,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     compare.add_arguments(p_compare)
     p_compare.set_defaults(func=lambda args: compare.run(args, p_compare))
+    p_sweep = sub.add_parser(
+        "sweep",
+        help="tune each optimizer's own knobs for compare on a small grid (coordinate-wise)",
+        description="Coordinate-wise search per optimizer over its own knobs (AdamW: lr, beta2, warm-up; "
+        "Muon/NorMuon: lr and their AdamW part's lr; SophiaG: lr, rho; all: gradient clipping), on compare's "
+        "model and budget; writes sweep.md, sweep.csv and sweep.json to --out. compare's presets come from it.",
+    )
+    sweep.add_sweep_arguments(p_sweep)
+    p_sweep.set_defaults(func=lambda args: compare.run(args, p_sweep, sweep.sweep))
     args = parser.parse_args(argv)
     return args.func(args)

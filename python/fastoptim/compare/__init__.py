@@ -2,8 +2,10 @@
 AdamW, Muon, NorMuon and SophiaG (same model, seed, data order and token budget) and report loss,
 training efficiency, throughput and optimizer-state memory.
 
-Modules: `model` (the GPT), `data` (corpus, split, batches), `train` (loop, metrics, presets),
-`report` (table, plot, JSON, CSV), `cli` (the CLI subcommand: its output is printed).
+Modules: `model` (the GPT), `data` (corpus, split, batches), `train` (loop, metrics, each optimizer's
+knobs and the presets), `report` (table with mean ± sd over seeds, plot, JSON, CSV), `cli` (the
+`compare` subcommand: its output is printed), `sweep` (`python -m fastoptim sweep`: the coordinate-wise
+tuning the presets come from).
 """
 
 from __future__ import annotations

@@ -11,59 +11,134 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .train import RunResult, steps_to_reach
+from .train import HYPERPARAMETER_NAMES, KNOBS, RunResult, steps_to_reach
 
 RESULTS_JSON = "results.json"
 SUMMARY_CSV = "summary.csv"
+AGGREGATE_CSV = "aggregate.csv"
 CURVES_CSV = "curves.csv"
+SUMMARY_MD = "summary.md"
 PLOT_PNG = "loss_curves.png"
+OUTPUT_FILES = (RESULTS_JSON, SUMMARY_CSV, AGGREGATE_CSV, CURVES_CSV, SUMMARY_MD, PLOT_PNG)
 logger = logging.getLogger(__name__)
 DASH = "—"
 
 COLUMNS = (
     "optimizer",
-    "peak lr",
+    "knobs",
     "train loss",
     "val loss",
-    "steps to AdamW val",
+    "steps to AdamW's val loss",
     "tokens/s",
     "ms/opt step",
     "opt state",
+    "SophiaG clipped",
     "status",
 )
 
 
+def mean_sd(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1 in the denominator); sd is None below two values."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def adamw_targets(runs: Sequence[RunResult]) -> dict[int, float]:
+    """Per seed, AdamW's final validation loss: the target of the "training efficiency" column (each
+    optimizer is measured against AdamW of its own seed, where that AdamW run finished)."""
+    return {
+        run.seed: run.final_validation_loss
+        for run in runs
+        if run.optimizer == "adamw" and run.status == "finished" and run.final_validation_loss is not None
+    }
+
+
 def adamw_target(runs: Sequence[RunResult]) -> float | None:
-    """AdamW's final validation loss, the target of the "training efficiency" column (if AdamW finished)."""
-    for run in runs:
-        if run.optimizer == "adamw" and run.status == "finished":
-            return run.final_validation_loss
-    return None
+    """The mean of `adamw_targets` over seeds (None if no AdamW run finished)."""
+    return mean_sd(list(adamw_targets(runs).values()))[0]
+
+
+KNOB_LABELS = {"adamw_lr": "adamw lr", "warmup_fraction": "warm-up", "grad_clip": "clip"}
+
+
+def knob_text(run: RunResult) -> str:
+    """The knobs `run`'s optimizer reads, short: "lr 0.002, beta2 0.99, warm-up 0.1, clip 1"."""
+    knobs = run.hyperparameters.knobs(run.optimizer) if run.optimizer in KNOBS else {}
+    return ", ".join(f"{KNOB_LABELS.get(name, name)} {value:g}" for name, value in knobs.items())
 
 
 def summary_rows(runs: Sequence[RunResult]) -> list[dict]:
-    """One dict of plain numbers per run (None where there is nothing to report)."""
-    target = adamw_target(runs)
+    """One dict of plain numbers per run (None where there is nothing to report); knobs an optimizer does
+    not read are None."""
+    targets = adamw_targets(runs)
     rows = []
     for run in runs:
+        target = targets.get(run.seed)
         reached = steps_to_reach(run, target) if target is not None else None
+        read = KNOBS.get(run.optimizer, ())
         rows.append(
             {
                 "optimizer": run.name,
+                "seed": run.seed,
                 "implementation": run.implementation,
-                "learning_rate": run.learning_rate,
-                "adamw_learning_rate": run.adamw_learning_rate,
+                **{name: getattr(run.hyperparameters, name) if name in read else None for name in HYPERPARAMETER_NAMES},
+                "steps_planned": run.steps_planned,
                 "steps_done": run.steps_done,
                 "final_train_loss": run.final_train_loss,
                 "final_validation_loss": run.final_validation_loss,
                 "steps_to_adamw_validation_loss": reached,
+                "fraction_of_adamw_steps": None if reached is None else reached / run.steps_planned,
                 "adamw_validation_loss_target": target,
                 "tokens_per_second": run.tokens_per_second,
                 "ms_per_optimizer_step": run.ms_per_optimizer_step,
                 "optimizer_state_bytes": run.optimizer_state_bytes,
+                "sophia_clipped_fraction": run.sophia_clipped_fraction,
                 "status": run.status,
             }
         )
+    return rows
+
+
+AGGREGATED = (
+    "final_train_loss",
+    "final_validation_loss",
+    "steps_to_adamw_validation_loss",
+    "fraction_of_adamw_steps",
+    "tokens_per_second",
+    "ms_per_optimizer_step",
+    "sophia_clipped_fraction",
+)
+
+
+def aggregate_rows(runs: Sequence[RunResult]) -> list[dict]:
+    """One dict per optimizer (in the order they first ran): the mean and sample sd over its finished
+    seeds of each number of `summary_rows`, how many seeds reached AdamW's loss, and its runs' statuses."""
+    rows = []
+    by_optimizer: dict[str, list[tuple[RunResult, dict]]] = {}
+    for run, row in zip(runs, summary_rows(runs)):
+        by_optimizer.setdefault(run.optimizer, []).append((run, row))
+    for pairs in by_optimizer.values():
+        first = pairs[0][0]
+        finished = [row for run, row in pairs if run.status == "finished"]
+        out = {
+            "optimizer": first.name,
+            "knobs": knob_text(first),
+            "steps": first.steps_planned,
+            "seeds": [run.seed for run, _ in pairs],
+            "finished_seeds": len(finished),
+            "seeds_reaching_adamw": sum(row["steps_to_adamw_validation_loss"] is not None for row in finished),
+            "optimizer_state_bytes": pairs[0][1]["optimizer_state_bytes"],
+            "statuses": [run.status for run, _ in pairs],
+        }
+        for key in AGGREGATED:
+            mean, sd = mean_sd([row[key] for row in finished if row[key] is not None])
+            out[f"{key}_mean"], out[f"{key}_sd"] = mean, sd
+        rows.append(out)
     return rows
 
 
@@ -81,27 +156,53 @@ def _number(value: float | None, fmt: str) -> str:
     return DASH if value is None or not math.isfinite(value) else format(value, fmt)
 
 
+def _mean_sd_text(row: dict, key: str, fmt: str) -> str:
+    mean, sd = row[f"{key}_mean"], row[f"{key}_sd"]
+    if mean is None:
+        return DASH
+    return _number(mean, fmt) if sd is None else f"{_number(mean, fmt)} ± {_number(sd, fmt)}"
+
+
+def _status_text(runs: Sequence[RunResult]) -> str:
+    parts = []
+    for run in runs:
+        text = run.status if run.status != "interrupted" else f"interrupted at {run.steps_done}/{run.steps_planned}"
+        if text not in parts:
+            parts.append(text)
+    if len(runs) > 1 and parts == ["finished"]:
+        return f"finished x{len(runs)}"
+    return ", ".join(parts)
+
+
 def table_cells(runs: Sequence[RunResult]) -> list[list[str]]:
+    """One row per optimizer: mean ± sd over seeds (just the value with one seed). The efficiency column
+    is the (interpolated) step at which the optimizer reached its seed's AdamW final validation loss,
+    and that step as a fraction of the horizon, which it always states."""
     cells = []
-    for row, run in zip(summary_rows(runs), runs):
-        reached = row["steps_to_adamw_validation_loss"]
-        efficiency = DASH if reached is None else f"{reached} ({reached / run.steps_planned:.2f}x budget)"
-        status = (
-            run.status
-            if run.status != "interrupted"
-            else f"interrupted at {run.steps_done}/{run.steps_planned}"
-        )
+    for row in aggregate_rows(runs):
+        members = [run for run in runs if run.name == row["optimizer"]]
+        if row["steps_to_adamw_validation_loss_mean"] is None:
+            efficiency = DASH
+        else:
+            efficiency = (
+                f"{_mean_sd_text(row, 'steps_to_adamw_validation_loss', '.0f')} "
+                f"({_mean_sd_text(row, 'fraction_of_adamw_steps', '.2f')}x of {row['steps']})"
+            )
+        if row["finished_seeds"] > 1 and row["seeds_reaching_adamw"] < row["finished_seeds"]:
+            efficiency += f" [{row['seeds_reaching_adamw']}/{row['finished_seeds']} seeds]"
+        clipped = row["sophia_clipped_fraction_mean"]
         cells.append(
             [
-                run.name,
-                f"{run.learning_rate:g}",
-                _number(row["final_train_loss"], ".4f"),
-                _number(row["final_validation_loss"], ".4f"),
+                row["optimizer"],
+                row["knobs"],
+                _mean_sd_text(row, "final_train_loss", ".3f"),
+                _mean_sd_text(row, "final_validation_loss", ".3f"),
                 efficiency,
-                _number(row["tokens_per_second"], ",.0f"),
-                _number(row["ms_per_optimizer_step"], ".2f"),
+                _number(row["tokens_per_second_mean"], ",.0f"),
+                _number(row["ms_per_optimizer_step_mean"], ".2f"),
                 format_bytes(row["optimizer_state_bytes"]),
-                status,
+                DASH if clipped is None else f"{100 * clipped:.1f}%",
+                _status_text(members),
             ]
         )
     return cells
@@ -128,6 +229,13 @@ def render_table(runs: Sequence[RunResult], title: str) -> str:
     return buffer.getvalue().rstrip()
 
 
+def render_markdown(runs: Sequence[RunResult], title: str) -> str:
+    """The table as markdown (what the README shows), under its title."""
+    lines = [f"**{title}**", "", "| " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * (len(COLUMNS) - 3) + "---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in table_cells(runs)]
+    return "\n".join(lines) + "\n"
+
+
 def _atomic_write(path: Path, text: str) -> None:
     # Written beside the target, then renamed: Ctrl-C during a write never leaves a truncated file.
     temporary = path.with_name(path.name + ".tmp")
@@ -136,7 +244,12 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def write_json(out: Path, runs: Sequence[RunResult], config: dict) -> Path:
-    payload = {"config": config, "summary": summary_rows(runs), "runs": [run.to_dict() for run in runs]}
+    payload = {
+        "config": config,
+        "aggregate": aggregate_rows(runs),
+        "summary": summary_rows(runs),
+        "runs": [run.to_dict() for run in runs],
+    }
     path = out / RESULTS_JSON
     _atomic_write(path, json.dumps(payload, indent=2, allow_nan=True))
     return path
@@ -150,18 +263,28 @@ def _csv_text(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return buffer.getvalue()
 
 
-def write_csv(out: Path, runs: Sequence[RunResult]) -> tuple[Path, Path]:
-    summary = summary_rows(runs)
-    header = list(summary[0]) if summary else ["optimizer"]
-    summary_path = out / SUMMARY_CSV
-    _atomic_write(summary_path, _csv_text(header, [[row[k] for k in header] for row in summary]))
+def write_csv(out: Path, runs: Sequence[RunResult]) -> tuple[Path, Path, Path]:
+    """summary.csv (one row per run), aggregate.csv (one per optimizer: mean and sd over seeds) and
+    curves.csv (every train and validation loss, by optimizer and seed)."""
+    paths = []
+    for name, rows in ((SUMMARY_CSV, summary_rows(runs)), (AGGREGATE_CSV, aggregate_rows(runs))):
+        header = list(rows[0]) if rows else ["optimizer"]
+        path = out / name
+        _atomic_write(path, _csv_text(header, [[_csv_value(row[k]) for k in header] for row in rows]))
+        paths.append(path)
     curve_rows = []
     for run in runs:
-        curve_rows += [(run.name, "train", s, v) for s, v in zip(run.train_steps, run.train_losses)]
-        curve_rows += [(run.name, "validation", s, v) for s, v in zip(run.eval_steps, run.validation_losses)]
+        curve_rows += [(run.name, run.seed, "train", s, v) for s, v in zip(run.train_steps, run.train_losses)]
+        curve_rows += [
+            (run.name, run.seed, "validation", s, v) for s, v in zip(run.eval_steps, run.validation_losses)
+        ]
     curves_path = out / CURVES_CSV
-    _atomic_write(curves_path, _csv_text(["optimizer", "split", "step", "loss"], curve_rows))
-    return summary_path, curves_path
+    _atomic_write(curves_path, _csv_text(["optimizer", "seed", "split", "step", "loss"], curve_rows))
+    return paths[0], paths[1], curves_path
+
+
+def _csv_value(value: object) -> object:
+    return " ".join(map(str, value)) if isinstance(value, list) else value
 
 
 def _smoothed(values: Sequence[float], beta: float = 0.9) -> list[float]:
@@ -171,6 +294,26 @@ def _smoothed(values: Sequence[float], beta: float = 0.9) -> list[float]:
         average = beta * average + (1 - beta) * value
         out.append(average / (1 - beta**i))
     return out
+
+
+def _mean_curve(curves: Sequence[tuple[Sequence[int], Sequence[float]]]) -> tuple[list, list, list]:
+    """Pointwise mean and sample sd of curves over the steps they all reached (the longest curve alone
+    when they share fewer than two steps)."""
+    steps = list(curves[0][0]) if curves else []
+    for curve_steps, _ in curves[1:]:
+        length = 0
+        while length < min(len(steps), len(curve_steps)) and steps[length] == curve_steps[length]:
+            length += 1
+        steps = steps[:length]
+    if len(steps) < 2 and curves:  # curves with different steps: show the longest alone
+        steps, values = max(curves, key=lambda curve: len(curve[0]))
+        return list(steps), list(values), [0.0] * len(steps)
+    means, sds = [], []
+    for i in range(len(steps)):
+        mean, sd = mean_sd([values[i] for _, values in curves])
+        means.append(math.nan if mean is None else mean)
+        sds.append(sd or 0.0)
+    return steps, means, sds
 
 
 def write_plot(out: Path, runs: Sequence[RunResult], title: str) -> Path | None:
@@ -186,12 +329,24 @@ def write_plot(out: Path, runs: Sequence[RunResult], title: str) -> Path | None:
     import matplotlib.pyplot as plt
 
     figure, (train_axis, val_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for run in runs:
-        train_axis.plot(run.train_steps, _smoothed(run.train_losses), label=run.name, linewidth=1.2)
-        val_axis.plot(run.eval_steps, run.validation_losses, marker="o", markersize=3, label=run.name)
+    names = list(dict.fromkeys(run.name for run in runs))
+    for name in names:
+        members = [run for run in runs if run.name == name]
+        finished = [run for run in members if run.status == "finished"]
+        members = finished or members  # an interrupted seed does not cut the finished ones short
+        label = name if len(members) == 1 else f"{name} (mean ± sd, {len(members)} seeds)"
+        steps, train_mean, _ = _mean_curve([(r.train_steps, _smoothed(r.train_losses)) for r in members])
+        (line,) = train_axis.plot(steps, train_mean, label=label, linewidth=1.2)
+        steps, val_mean, val_sd = _mean_curve([(r.eval_steps, r.validation_losses) for r in members])
+        val_axis.plot(steps, val_mean, marker="o", markersize=2, label=label, color=line.get_color())
+        if len(members) > 1:
+            low = [m - d for m, d in zip(val_mean, val_sd)]
+            high = [m + d for m, d in zip(val_mean, val_sd)]
+            val_axis.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     target = adamw_target(runs)
     if target is not None:
-        val_axis.axhline(target, color="grey", linestyle="--", linewidth=0.8, label="AdamW final")
+        label = "AdamW final" if len(adamw_targets(runs)) == 1 else "AdamW final (mean over seeds)"
+        val_axis.axhline(target, color="grey", linestyle="--", linewidth=0.8, label=label)
     train_axis.set_title("training loss (EMA 0.9)")
     val_axis.set_title("validation loss")
     for axis in (train_axis, val_axis):
@@ -221,4 +376,6 @@ def write_plot(out: Path, runs: Sequence[RunResult], title: str) -> Path | None:
 def write_all(out: Path, runs: Sequence[RunResult], config: dict, title: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     plot = write_plot(out, runs, title)
-    return [write_json(out, runs, config), *write_csv(out, runs), *([plot] if plot is not None else [])]
+    _atomic_write(out / SUMMARY_MD, render_markdown(runs, title))
+    paths = [write_json(out, runs, config), *write_csv(out, runs), out / SUMMARY_MD]
+    return paths + ([plot] if plot is not None else [])

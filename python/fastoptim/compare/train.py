@@ -1,8 +1,9 @@
 """The training loop of `python -m fastoptim compare` and the numbers it measures.
 
 Every optimizer trains the same model from the same initial weights on the same batches in the same
-order, for the same number of steps, under the same learning-rate shape (linear warm-up, cosine decay
-to 10%); only the optimizer and its peak learning rate differ.
+order, for the same number of steps, under the same learning-rate shape (linear warm-up, then cosine
+decay to 10%); what differs is the optimizer and its own tuned knobs (`Hyperparameters`), each chosen
+by `python -m fastoptim sweep` (see `sweep.py` and the comment above `PRESETS`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
@@ -26,20 +27,65 @@ DISPLAY_NAMES = {"adamw": "AdamW", "muon": "Muon", "normuon": "NorMuon", "sophia
 
 
 @dataclass(frozen=True)
+class Hyperparameters:
+    """One optimizer's knobs. Each optimizer reads only its own (`KNOBS`); the rest keep their defaults.
+
+    grad_clip: the global gradient norm is clipped to it before every step (0 = no clipping).
+    """
+
+    lr: float  # peak learning rate (Muon/NorMuon: of the hidden matrices)
+    adamw_lr: float = 2e-3  # Muon/NorMuon: peak rate of their AdamW part (embeddings, head, norms)
+    beta2: float = 0.95  # AdamW's second-moment decay
+    warmup_fraction: float = 0.05  # linear warm-up over this fraction of the steps
+    rho: float = 0.04  # SophiaG's clipping scale (the op sees rho x tokens per step, as the official code)
+    grad_clip: float = 1.0
+
+    def knobs(self, optimizer: str) -> dict[str, float]:
+        """The knobs `optimizer` reads, by name."""
+        return {name: getattr(self, name) for name in KNOBS[optimizer]}
+
+    def with_values(self, **values: float) -> Hyperparameters:
+        return replace(self, **values)
+
+
+HYPERPARAMETER_NAMES = tuple(f.name for f in fields(Hyperparameters))
+# What each optimizer reads (and the sweep tunes). AdamW: lr, beta2, warm-up; Muon/NorMuon: lr and the
+# AdamW part's lr; SophiaG: lr and rho. grad_clip is read by all (see PRESETS for the decision).
+KNOBS = {
+    "adamw": ("lr", "beta2", "warmup_fraction", "grad_clip"),
+    "muon": ("lr", "adamw_lr", "grad_clip"),
+    "normuon": ("lr", "adamw_lr", "grad_clip"),
+    "sophia": ("lr", "rho", "grad_clip"),
+}
+
+
+@dataclass(frozen=True)
 class Preset:
-    """A model and a token budget sized for a device."""
+    """A model and a token budget sized for a device, and each optimizer's knobs."""
 
     model: GPTConfig
     steps: int
     batch_size: int
     eval_every: int
     eval_batches: int
-    learning_rates: dict[str, float]
+    hyperparameters: dict[str, Hyperparameters]
 
 
-# Peak learning rates of the CPU preset: the best of a small sweep at 300 steps, seed 0 (AdamW 1e-3..1.2e-2,
-# Muon/NorMuon 0.015..0.06, SophiaG 2.5e-4..4e-3, factors of ~2). The quick and cuda rates are untuned
-# guesses. The AdamW part of Muon and NorMuon (embeddings, head, norms) uses the AdamW rate.
+# Where the knobs come from: `python -m fastoptim sweep` (sweep.py: coordinate-wise over GRIDS from
+# GRID_START, one knob at a time, lowest final validation loss at seed 0; its sweep.md lists every run):
+# - quick: `python -m fastoptim sweep --quick` (2026-12-02, torch 2.14.1, CPU, one thread).
+# - cpu: `python -m fastoptim sweep --optimizers adamw,muon` and `... --optimizers sophia,normuon` (same day;
+#   the same search as one `python -m fastoptim sweep`, split in two processes); Muon/NorMuon rerun alone
+#   (`--optimizers muon`, `--optimizers normuon`): PROVISIONAL, their sweep's starting point (lr 0.02,
+#   adamw_lr 2e-3) until it finishes (lr 0.01 was worse: Muon 1.791 vs 1.688, NorMuon 1.772 vs 1.627).
+#   AdamW: lr 4e-3, beta2 0.99, warm-up 20% (val 1.978; the old knobs, lr 2e-3 alone, 2.152 with clipping).
+#   SophiaG: lr 5e-4, rho 0.04 (val 2.297; ~93% of the coordinates clipped over the run; 2.972 unclipped
+#   gradients).
+# - cuda: not tuned (no GPU was at hand): guesses from the cpu choices.
+# Gradient clipping at 1.0 is applied to every optimizer: in both sweeps it never hurt (AdamW cpu 1.978 vs
+# 1.980 without; quick: better for all four) and it is part of SophiaG's official recipe (worth 0.7 nats here).
+# Fixed for every optimizer: betas[0] 0.9 (SophiaG 0.965 and 0.99, the official values), weight decay 0.1 on
+# matrices for AdamW and 0.2 for SophiaG (the official recipe), none for Muon/NorMuon.
 PRESETS = {
     "quick": Preset(
         model=GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64),
@@ -47,31 +93,49 @@ PRESETS = {
         batch_size=16,
         eval_every=10,
         eval_batches=4,
-        learning_rates={"adamw": 4e-3, "muon": 0.04, "normuon": 0.04, "sophia": 2e-3},
+        hyperparameters={
+            "adamw": Hyperparameters(lr=4e-3, beta2=0.95, warmup_fraction=0.05),
+            "muon": Hyperparameters(lr=0.02, adamw_lr=8e-3),
+            "normuon": Hyperparameters(lr=0.04, adamw_lr=8e-3),
+            "sophia": Hyperparameters(lr=4e-3, rho=0.2),
+        },
     ),
     "cpu": Preset(
         model=GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=128),
         steps=300,
         batch_size=32,
-        eval_every=25,
+        eval_every=10,
         eval_batches=6,
-        learning_rates={"adamw": 2e-3, "muon": 0.03, "normuon": 0.03, "sophia": 2.5e-4},
+        hyperparameters={
+            "adamw": Hyperparameters(lr=4e-3, beta2=0.99, warmup_fraction=0.2),
+            "muon": Hyperparameters(lr=0.02, adamw_lr=2e-3),
+            "normuon": Hyperparameters(lr=0.02, adamw_lr=2e-3),
+            "sophia": Hyperparameters(lr=5e-4, rho=0.04),
+        },
     ),
+    # Untuned (no GPU was at hand for a sweep): the cpu preset's choices scaled by guesswork.
     "cuda": Preset(
         model=GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384),
         steps=2000,
         batch_size=64,
-        eval_every=100,
+        eval_every=50,
         eval_batches=20,
-        learning_rates={"adamw": 2e-3, "muon": 0.02, "normuon": 0.02, "sophia": 1e-3},
+        hyperparameters={
+            "adamw": Hyperparameters(lr=2e-3),
+            "muon": Hyperparameters(lr=0.02, adamw_lr=2e-3),
+            "normuon": Hyperparameters(lr=0.02, adamw_lr=2e-3),
+            "sophia": Hyperparameters(lr=1e-3),
+        },
     ),
 }
 
-SOPHIA_HESSIAN_EVERY = 10
+SOPHIA_HESSIAN_EVERY = 10  # k of the official recipe
+SOPHIA_BETAS = (0.965, 0.99)
+SOPHIA_WEIGHT_DECAY = 0.2  # the official GPT-2 recipe, on matrices only
+ADAMW_WEIGHT_DECAY = 0.1
 # Steps left out of tokens/s and ms per optimizer step: the first ones carry one-time costs (cuBLAS
 # handles, Triton compiles, the allocator's growth), which would be charged to whichever optimizer ran first.
 TIMING_WARMUP_STEPS = 3
-WARMUP_FRACTION = 0.05
 FINAL_LR_FRACTION = 0.1
 
 
@@ -81,9 +145,9 @@ class RunResult:
 
     optimizer: str
     implementation: str
-    learning_rate: float
-    adamw_learning_rate: float  # the AdamW part of Muon / NorMuon (embeddings, head, norms)
+    hyperparameters: Hyperparameters
     steps_planned: int
+    seed: int = 0
     steps_done: int = 0
     status: str = "running"  # running | finished | interrupted
     train_steps: list[int] = field(default_factory=list)
@@ -97,15 +161,23 @@ class RunResult:
     optimizer_state_bytes: int | None = None
     train_seconds: float = 0.0
     # fastoptim.diagnostics at every evaluation: stable rank / condition of the weights, momentum row
-    # imbalance (what NorMuon fixes), Sophia's unclipped fraction.
+    # imbalance (what NorMuon fixes); for SophiaG also the fraction of coordinates whose step was
+    # clipped, averaged over the steps since the previous evaluation (``sophia_clipped_fraction``).
     diagnostics: list[dict] = field(default_factory=list)
+    sophia_clipped_fraction: float | None = None  # SophiaG: mean over all steps of the run
 
     @property
     def name(self) -> str:
         return DISPLAY_NAMES.get(self.optimizer, self.optimizer)
 
+    @property
+    def learning_rate(self) -> float:
+        return self.hyperparameters.lr
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["hyperparameters"] = self.hyperparameters.knobs(self.optimizer) if self.optimizer in KNOBS else {}
+        return out
 
 
 class ScheduledOptimizer:
@@ -146,10 +218,12 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
-def lr_factor(step: int, total_steps: int, schedule: str = "cosine", phi: float = 2.0) -> float:
-    """Linear warm-up over the first 5% of steps, then `schedule` (cosine, UBA with `phi`, or WSD with a
-    linear decay over the last 20%) down to 10% of the peak (fastoptim.schedules)."""
-    warmup = max(1, int(WARMUP_FRACTION * total_steps))
+def lr_factor(
+    step: int, total_steps: int, schedule: str = "cosine", phi: float = 2.0, warmup_fraction: float = 0.05
+) -> float:
+    """Linear warm-up over the first `warmup_fraction` of the steps, then `schedule` (cosine, UBA with
+    `phi`, or WSD with a linear decay over the last 20%) down to 10% of the peak (fastoptim.schedules)."""
+    warmup = max(1, int(warmup_fraction * total_steps))
     return schedules.lr_multiplier(
         schedule, step, total_steps, warmup, phi=phi, min_lr_ratio=FINAL_LR_FRACTION, decay_fraction=0.2
     )
@@ -165,27 +239,55 @@ def _adamw_groups(model: GPT, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(
-    name: str, model: GPT, lr: float, adamw_lr: float, tokens_per_step: int, device: torch.device
+    name: str, model: GPT, hyperparameters: Hyperparameters, tokens_per_step: int, device: torch.device
 ) -> ScheduledOptimizer:
-    """The optimizer `name` for `model` with peak rate `lr` (and `adamw_lr` for a Muon's AdamW part)."""
-    betas = (0.9, 0.95)
+    """The optimizer `name` for `model` with its knobs from `hyperparameters`."""
+    h = hyperparameters
+    betas = (0.9, h.beta2)
     if name == "adamw":
-        optimizer = torch.optim.AdamW(_adamw_groups(model, 0.1), lr=lr, betas=betas)
+        optimizer = torch.optim.AdamW(_adamw_groups(model, ADAMW_WEIGHT_DECAY), lr=h.lr, betas=betas)
         return ScheduledOptimizer(optimizer, "torch.optim.AdamW")
     if name in ("muon", "normuon"):
         cls = fastoptim.Muon if name == "muon" else fastoptim.NorMuon
         # bf16 matmuls are slow on CPUs; on a GPU Newton-Schulz runs in bf16 as the papers do.
         ns_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         optimizer = cls(
-            fastoptim.param_groups(model), lr=lr, ns_dtype=ns_dtype, adamw_lr=adamw_lr, adamw_betas=betas
+            fastoptim.param_groups(model), lr=h.lr, ns_dtype=ns_dtype, adamw_lr=h.adamw_lr, adamw_betas=betas
         )
         return ScheduledOptimizer(optimizer, f"fastoptim.{cls.__name__}")
     if name == "sophia":
+        # The official GPT-2 recipe: weight decay 0.2 on matrices only, betas (0.965, 0.99), rho scaled
+        # by the tokens per step (bs), gradient clipping (in `train`), Hessian every 10 steps.
         optimizer = fastoptim.SophiaG(
-            _adamw_groups(model, 0.1), lr=lr, betas=(0.965, 0.99), rho=0.04, bs=tokens_per_step
+            _adamw_groups(model, SOPHIA_WEIGHT_DECAY), lr=h.lr, betas=SOPHIA_BETAS, rho=h.rho, bs=tokens_per_step
         )
         return ScheduledOptimizer(optimizer, "fastoptim.SophiaG")
     raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+
+
+def sophia_clipped_fraction(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The fraction of SophiaG's coordinates whose last step was clipped, |m / max(rho·bs·h, eps)| >= 1,
+    as a 0-dim device tensor (no host sync). Right after `step()` the state holds exactly the m and h
+    that step used (m is updated before the clip, h only by `update_hessian`), so this is the count the
+    op itself makes (`sophia_step_(..., return_unclipped=True)`), from the state, by
+    `fastoptim.diagnostics.sophia_win_rate`."""
+    unclipped, total = None, 0
+    for group in optimizer.param_groups:
+        states = [optimizer.state[p] for p in group["params"] if "exp_avg" in optimizer.state.get(p, {})]
+        if not states:
+            continue
+        count = sum(s["exp_avg"].numel() for s in states)
+        rate = diagnostics.sophia_win_rate(
+            [s["exp_avg"] for s in states],
+            [s["hessian"] for s in states],
+            group["rho"] * group["bs"],
+            group["eps"],
+        )
+        unclipped = rate * count if unclipped is None else unclipped + rate * count
+        total += count
+    if unclipped is None:
+        raise ValueError("optimizer has no SophiaG state yet: call it after a step")
+    return 1.0 - unclipped / total
 
 
 @torch.no_grad()
@@ -225,6 +327,11 @@ class Experiment:
         self.train_eval_batches = evaluation_batches(
             self.split.train, self.preset.eval_batches, batch, block, self.seed + 2
         )
+        # SophiaG's Hessian is estimated on fresh batches, drawn apart from the training stream (the
+        # official script uses its prefetched next batch, which is likewise not the one just stepped on).
+        self.hessian_schedule = BatchSchedule(
+            self.split.train, self.steps // SOPHIA_HESSIAN_EVERY + 1, batch, block, self.seed + 3
+        )
 
     @property
     def tokens_per_step(self) -> int:
@@ -249,12 +356,15 @@ def train(
     synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     torch.manual_seed(experiment.seed)  # SophiaG's label sampling draws from the global RNG
     model = experiment.new_model()
-    scheduled = build_optimizer(
-        run.optimizer, model, run.learning_rate, run.adamw_learning_rate, experiment.tokens_per_step, device
-    )
+    knobs = run.hyperparameters
+    scheduled = build_optimizer(run.optimizer, model, knobs, experiment.tokens_per_step, device)
     run.implementation = scheduled.implementation
     optimizer = scheduled.optimizer
     is_sophia = run.optimizer == "sophia"
+    # SophiaG's clipped fraction: summed on the device every step, read only at evaluations.
+    clipped_sum = torch.zeros((), device=device)
+    clipped_steps = clipped_steps_before = 0
+    clipped_total = 0.0
     step_seconds = timed_seconds = 0.0  # over the timed steps (after TIMING_WARMUP_STEPS)
     timed_steps = 0
     warmup_steps = TIMING_WARMUP_STEPS if experiment.steps > TIMING_WARMUP_STEPS else 0
@@ -265,26 +375,43 @@ def train(
             evaluate(model, experiment.validation_batches, device, experiment.autocast)
         )
         run.final_validation_loss = run.validation_losses[-1]
-        run.diagnostics.append({"step": step, **diagnostics.as_floats(diagnostics.optimizer_diagnostics(optimizer))})
+        record = {"step": step, **diagnostics.as_floats(diagnostics.optimizer_diagnostics(optimizer))}
+        nonlocal clipped_sum, clipped_steps_before, clipped_total
+        if clipped_steps > clipped_steps_before:
+            clipped = clipped_sum.item()  # the one host sync of the clipped fraction, here only
+            record["sophia_clipped_fraction"] = clipped / (clipped_steps - clipped_steps_before)
+            clipped_total += clipped
+            clipped_sum.zero_()
+            clipped_steps_before = clipped_steps
+            run.sophia_clipped_fraction = clipped_total / clipped_steps
+        run.diagnostics.append(record)
 
     record_evaluation(0)
     for step in range(experiment.steps):
         start = time.perf_counter()
         inputs, targets = experiment.schedule.batch(step, device)
-        scheduled.set_lr_factor(lr_factor(step, experiment.steps, experiment.lr_schedule, experiment.phi))
+        scheduled.set_lr_factor(
+            lr_factor(step, experiment.steps, experiment.lr_schedule, experiment.phi, knobs.warmup_fraction)
+        )
         with experiment.autocast():
             loss = language_model_loss(model(inputs), targets)
         loss.backward()
+        if knobs.grad_clip > 0:  # no host sync: the clip factor stays on the device
+            torch.nn.utils.clip_grad_norm_(model.parameters(), knobs.grad_clip, foreach=True)
         synchronize()
         step_start = time.perf_counter()
         optimizer.step()
         synchronize()
         optimizer_seconds = time.perf_counter() - step_start
         optimizer.zero_grad(set_to_none=True)
-        if is_sophia and (step + 1) % SOPHIA_HESSIAN_EVERY == 0:
+        if is_sophia:
+            clipped_sum += sophia_clipped_fraction(optimizer)
+            clipped_steps += 1
+        if is_sophia and (step + 1) % SOPHIA_HESSIAN_EVERY == 0 and step + 1 < experiment.steps:
             # Gauss-Newton-Bartlett: gradients of the loss on labels sampled from the model's own softmax.
+            hessian_inputs, _ = experiment.hessian_schedule.batch((step + 1) // SOPHIA_HESSIAN_EVERY, device)
             with experiment.autocast():
-                fastoptim.sophia_sampled_loss(model(inputs)).backward()
+                fastoptim.sophia_sampled_loss(model(hessian_inputs)).backward()
             optimizer.update_hessian()
             optimizer.zero_grad(set_to_none=True)
         loss_value = loss.item()
@@ -316,9 +443,16 @@ def train(
     return run
 
 
-def steps_to_reach(run: RunResult, target: float) -> int | None:
-    """The first evaluated step at which `run`'s validation loss is at or below `target` (None if never)."""
+def steps_to_reach(run: RunResult, target: float) -> float | None:
+    """The step at which `run`'s validation loss first reaches `target` (None if it never does),
+    linearly interpolated between the evaluation that reached it and the one before, so the answer is
+    not rounded up to the evaluation grid."""
+    previous = None
     for step, loss in zip(run.eval_steps, run.validation_losses):
         if step > 0 and loss <= target:
-            return step
+            if previous is None or previous[1] <= loss:
+                return float(step)
+            before_step, before_loss = previous
+            return before_step + (before_loss - target) / (before_loss - loss) * (step - before_step)
+        previous = (step, loss)
     return None
