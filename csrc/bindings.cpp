@@ -279,8 +279,54 @@ void sophia_step_(const std::vector<at::Tensor>& params, const std::vector<at::T
       current_stream()));
 }
 
+namespace {
+// What muon_momentum_stack_ and muon_stack_recompute_ check and pass: the lists, each slice's address in the
+// (P, m, n) stack out, and the (P, 2·max_chunks) partials (sums, then exponents).
+struct StackArgs {
+  TensorList b;
+  TensorList g;
+  std::vector<void*> outs;
+  std::vector<int64_t> numels;
+  char* base = nullptr;
+  int64_t matrix_bytes = 0;
+  float* partials = nullptr;
+  int64_t max_chunks = 0;
+};
+
+StackArgs stack_args(const std::vector<at::Tensor>& bufs, const std::vector<at::Tensor>& grads, const at::Tensor& out,
+                     const std::vector<int64_t>& indices, const std::optional<at::Tensor>& partials) {
+  const int64_t size = out.size(1) * out.size(2);
+  StackArgs args{list_of(bufs, "bufs", out, nullptr), list_of(grads, "grads", out, &bufs)};
+  args.base = static_cast<char*>(out.data_ptr());
+  args.matrix_bytes = size * out.element_size();
+  for (size_t k = 0; k < bufs.size(); ++k) {
+    TORCH_CHECK(indices[k] >= 0 && indices[k] < out.size(0), "indices[", k, "] out of range for out ", out.sizes());
+    TORCH_CHECK(bufs[k].numel() == size, "bufs[", k, "] must have out's m*n = ", size, " elements, got ",
+                bufs[k].sizes());
+    args.outs.push_back(args.base + indices[k] * args.matrix_bytes);
+    args.numels.push_back(size);
+  }
+  if (partials.has_value()) {
+    CHECK_CUDA(*partials);
+    CHECK_SAME_DEVICE(*partials, out);
+    CHECK_CONTIGUOUS(*partials);
+    TORCH_CHECK(partials->scalar_type() == at::kFloat && partials->dim() == 2 && partials->size(0) == out.size(0),
+                "partials must be a float32 (P, 2*chunks) tensor, got ", partials->sizes());
+    const int64_t chunks = (size + fastoptim::kChunk - 1) / fastoptim::kChunk;
+    TORCH_CHECK(partials->size(1) % 2 == 0 && partials->size(1) / 2 >= chunks, "partials must have 2*c columns, c >= ",
+                chunks, " (a sum and an exponent per ", fastoptim::kChunk, "-element chunk of an m*n = ", size,
+                " matrix), got ", partials->sizes());
+    args.partials = partials->data_ptr<float>();
+    args.max_chunks = partials->size(1) / 2;
+  }
+  return args;
+}
+}  // namespace
+
 // The momentum of bufs[k] goes into out[indices[k]] (out: the bucket's contiguous (P, m, n) stack). With
-// partials ((P, max_chunks) fp32), each chunk's sum of squares of the stored values is written there too.
+// partials ((P, 2·max_chunks) fp32), each chunk's sum of squares of the stored values (and its exponent) is
+// written there too; a float16 out is then not written (its values may exceed 65504 before they are
+// normalized): muon_stack_recompute_ writes it.
 void muon_momentum_stack_(const std::vector<at::Tensor>& bufs, const std::vector<at::Tensor>& grads, at::Tensor out,
                           const std::vector<int64_t>& indices, double beta, bool nesterov,
                           std::optional<at::Tensor> partials) {
@@ -290,42 +336,38 @@ void muon_momentum_stack_(const std::vector<at::Tensor>& bufs, const std::vector
   CHECK_CONTIGUOUS(out);
   TORCH_CHECK(out.dim() == 3, "out must be a (P, m, n) stack, got ", out.sizes());
   if (bufs.empty() || out.numel() == 0) return;
-  const int64_t size = out.size(1) * out.size(2);
-  TensorList b = list_of(bufs, "bufs", out, nullptr);
-  TensorList g = list_of(grads, "grads", out, &bufs);
-  std::vector<void*> outs;
-  std::vector<int64_t> numels;
-  char* base = static_cast<char*>(out.data_ptr());
-  const int64_t matrix_bytes = size * out.element_size();
-  for (size_t k = 0; k < bufs.size(); ++k) {
-    TORCH_CHECK(indices[k] >= 0 && indices[k] < out.size(0), "indices[", k, "] out of range for out ", out.sizes());
-    TORCH_CHECK(bufs[k].numel() == size, "bufs[", k, "] must have out's m*n = ", size, " elements, got ",
-                bufs[k].sizes());
-    outs.push_back(base + indices[k] * matrix_bytes);
-    numels.push_back(size);
-  }
-  float* partials_ptr = nullptr;
-  int64_t max_chunks = 0;
-  if (partials.has_value()) {
-    CHECK_CUDA(*partials);
-    CHECK_SAME_DEVICE(*partials, out);
-    CHECK_CONTIGUOUS(*partials);
-    TORCH_CHECK(partials->scalar_type() == at::kFloat && partials->dim() == 2 && partials->size(0) == out.size(0),
-                "partials must be a float32 (P, chunks) tensor, got ", partials->sizes());
-    const int64_t chunks = (size + fastoptim::kChunk - 1) / fastoptim::kChunk;
-    TORCH_CHECK(partials->size(1) >= chunks, "partials must have at least ", chunks, " columns (one per ",
-                fastoptim::kChunk, "-element chunk of an m*n = ", size, " matrix), got ", partials->sizes());
-    partials_ptr = partials->data_ptr<float>();
-    max_chunks = partials->size(1);
-  }
+  StackArgs args = stack_args(bufs, grads, out, indices, partials);
+  const bool store_out = !(partials.has_value() && out.scalar_type() == at::kHalf);
   const c10::cuda::CUDAGuard guard(out.device());
   CHECK_CUDA_LAUNCH(fastoptim::launch_muon_momentum_stack(
-      b.ptrs.data(), b.dtype, g.ptrs.data(), g.dtype, outs.data(), to_dtype(out, "out"), numels.data(),
-      static_cast<int64_t>(numels.size()), static_cast<float>(beta), static_cast<float>(1.0 - beta), nesterov,
-      partials_ptr, base, matrix_bytes, max_chunks, current_stream()));
+      args.b.ptrs.data(), args.b.dtype, args.g.ptrs.data(), args.g.dtype, args.outs.data(), to_dtype(out, "out"),
+      args.numels.data(), static_cast<int64_t>(args.numels.size()), static_cast<float>(beta),
+      static_cast<float>(1.0 - beta), nesterov, args.partials, store_out, args.base, args.matrix_bytes,
+      args.max_chunks, current_stream()));
 }
 
-// out[i] <- out[i] / (safety·sqrt(Σ partials[i]) + eps), after muon_momentum_stack_ filled partials.
+// A float16 stack after muon_momentum_stack_(..., partials): out[indices[k]] <- U_k / (safety·‖U_k‖_F + eps)
+// with U_k recomputed from the new bufs[k] (and grads[k]).
+void muon_stack_recompute_(const std::vector<at::Tensor>& bufs, const std::vector<at::Tensor>& grads, at::Tensor out,
+                           const std::vector<int64_t>& indices, double beta, bool nesterov, const at::Tensor& partials,
+                           double safety, double eps) {
+  TORCH_CHECK(grads.size() == bufs.size() && indices.size() == bufs.size(),
+              "bufs, grads and indices must have the same length");
+  CHECK_CUDA(out);
+  CHECK_CONTIGUOUS(out);
+  TORCH_CHECK(out.dim() == 3, "out must be a (P, m, n) stack, got ", out.sizes());
+  if (bufs.empty() || out.numel() == 0) return;
+  StackArgs args = stack_args(bufs, grads, out, indices, partials);
+  const c10::cuda::CUDAGuard guard(out.device());
+  at::Tensor denominators = at::empty({2 * out.size(0)}, partials.options());
+  CHECK_CUDA_LAUNCH(fastoptim::launch_muon_stack_recompute(
+      args.b.ptrs.data(), args.b.dtype, args.g.ptrs.data(), args.g.dtype, args.outs.data(), to_dtype(out, "out"),
+      args.numels.data(), static_cast<int64_t>(args.numels.size()), static_cast<float>(beta), nesterov,
+      args.partials, denominators.data_ptr<float>(), out.size(0), args.max_chunks, static_cast<float>(safety),
+      static_cast<float>(eps), args.base, args.matrix_bytes, current_stream()));
+}
+
+// out[i] <- out[i] / (safety·‖out[i]‖_F + eps), after muon_momentum_stack_ filled partials (sums, exponents).
 void muon_stack_normalize_(at::Tensor out, const at::Tensor& partials, double safety, double eps) {
   CHECK_CUDA(out);
   CHECK_CONTIGUOUS(out);
@@ -333,13 +375,14 @@ void muon_stack_normalize_(at::Tensor out, const at::Tensor& partials, double sa
   CHECK_SAME_DEVICE(partials, out);
   CHECK_CONTIGUOUS(partials);
   TORCH_CHECK(out.dim() == 3, "out must be a (P, m, n) stack, got ", out.sizes());
-  TORCH_CHECK(partials.scalar_type() == at::kFloat && partials.dim() == 2 && partials.size(0) == out.size(0),
-              "partials must be a float32 (P, chunks) tensor, got ", partials.sizes());
+  TORCH_CHECK(partials.scalar_type() == at::kFloat && partials.dim() == 2 && partials.size(0) == out.size(0) &&
+                  partials.size(1) % 2 == 0,
+              "partials must be a float32 (P, 2*chunks) tensor, got ", partials.sizes());
   const c10::cuda::CUDAGuard guard(out.device());
-  at::Tensor denominators = at::empty({out.size(0)}, partials.options());
+  at::Tensor denominators = at::empty({2 * out.size(0)}, partials.options());
   CHECK_CUDA_LAUNCH(fastoptim::launch_muon_stack_normalize(
       out.data_ptr(), to_dtype(out, "out"), partials.data_ptr<float>(), denominators.data_ptr<float>(), out.size(0),
-      out.size(1) * out.size(2), partials.size(1), static_cast<float>(safety), static_cast<float>(eps),
+      out.size(1) * out.size(2), partials.size(1) / 2, static_cast<float>(safety), static_cast<float>(eps),
       current_stream()));
 }
 
@@ -513,8 +556,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "muon_momentum_ over a list of same-size matrices, Newton-Schulz inputs into one (P, m, n) stack",
         py::arg("bufs"), py::arg("grads"), py::arg("out"), py::arg("indices"), py::arg("beta"), py::arg("nesterov"),
         py::arg("partials"));
-  m.def("muon_stack_normalize_", &muon_stack_normalize_, "out[i] /= safety * sqrt(sum(partials[i])) + eps",
+  m.def("muon_stack_normalize_", &muon_stack_normalize_, "out[i] /= safety * ||out[i]||_F + eps, from the partials",
         py::arg("out"), py::arg("partials"), py::arg("safety"), py::arg("eps"));
+  m.def("muon_stack_recompute_", &muon_stack_recompute_,
+        "float16 out[indices[k]] <- U_k / (safety * ||U_k||_F + eps), U_k recomputed from bufs[k], grads[k]",
+        py::arg("bufs"), py::arg("grads"), py::arg("out"), py::arg("indices"), py::arg("beta"), py::arg("nesterov"),
+        py::arg("partials"), py::arg("safety"), py::arg("eps"));
   m.def("muon_apply_stack_", &muon_apply_stack_,
         "muon_apply_ for each params[i] with updates[i] of a (P, m, n) stack, in one launch per table",
         py::arg("params"), py::arg("updates"), py::arg("lr"), py::arg("weight_decay"), py::arg("lr_tensor"),

@@ -51,18 +51,69 @@ __device__ __forceinline__ float block_sum(float value) {
   return value;
 }
 
-// denominators[b] = safety·sqrt(Σ_c partials[b, c]) + eps for a (batch, chunks) table of per-block sums of
-// squares: a strided sum per thread, then block_sum, so the order is fixed and the result bit-reproducible
-// (no atomics). One block per matrix, grid-stride over the batch. Shared by the Newton–Schulz prologue and
-// the bucket momentum's normalization (each translation unit gets its own copy).
+// Max over a block (blockDim.x a multiple of 32, at most 1024) of non-negative values; valid in every thread.
+__device__ __forceinline__ float block_max(float value) {
+  __shared__ float warp_maxima[32];
+  for (int offset = 16; offset > 0; offset >>= 1) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  __syncthreads();  // warp_maxima may still be read by a previous call
+  if (lane == 0) warp_maxima[warp] = value;
+  __syncthreads();
+  const int warps = blockDim.x >> 5;
+  value = lane < warps ? warp_maxima[lane] : 0.0f;
+  for (int offset = 16; offset > 0; offset >>= 1) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  return value;
+}
+
+// Overflow-safe Frobenius norms (fastoptim.reference.frobenius_normalized). A block whose sum of squares
+// overflowed although its largest |entry| is finite sums again with its entries divided by 2^e and reports
+// (sum, e), meaning sum·4^e; otherwise e = 0. Scaling by a power of two is exact, so wherever nothing overflows
+// every result is bit for bit the unscaled formula's. The power of two to divide by (0: none):
+__device__ __forceinline__ int rescale_exponent(float total, float largest) {
+  if (!(isinf(total) && isfinite(largest))) return 0;
+  const int exponent = ilogbf(largest);  // >= 63 here: the squares overflowed
+  return exponent < 126 ? exponent : 126;  // 2^-126 is still a normal float
+}
+
+// denominators[b] = safety·sqrt(total) + eps·2^-e and denominators[batch + b] = 2^-e, where
+// ‖matrix b‖² = total·4^e is combined from a (batch, 2·chunks) table whose row b holds the chunks' sums of
+// squares, then their exponents (as floats): a strided sum per thread, then block_sum, so the order is fixed
+// and the result bit-reproducible (no atomics); e = 0 and the plain formula unless something overflowed.
+// One block per matrix, grid-stride over the batch. Shared by the Newton–Schulz prologue and the bucket
+// momentum's normalization (each translation unit gets its own copy). The matrix is then x·2^-e / denominator.
 namespace {
 __global__ void matrix_denominators_kernel(const float* __restrict__ partials, float* __restrict__ denominators,
                                            int64_t chunks, int64_t batch, float safety, float eps) {
-  for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {  // uniform per block: block_sum is safe
+  for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {  // uniform per block: the block reductions are safe
+    const float* sums = partials + b * 2 * chunks;
+    const float* exponents = sums + chunks;
+    float top = 0.0f;
+    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) top = fmaxf(top, exponents[c]);
+    const int exponent = static_cast<int>(block_max(top));
     float sum = 0.0f;
-    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) sum += partials[b * chunks + c];
+    float largest = 0.0f;
+    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+      const float term = scalbnf(sums[c], 2 * (static_cast<int>(exponents[c]) - exponent));
+      sum += term;
+      largest = fmaxf(largest, term);
+    }
     sum = block_sum(sum);
-    if (threadIdx.x == 0) denominators[b] = safety * sqrtf(sum) + eps;
+    largest = block_max(largest);
+    int extra = 0;
+    if (isinf(sum) && isfinite(largest)) {  // finite chunk sums whose total overflows: divide by 4^extra
+      extra = ilogbf(largest) / 2 + 1;
+      sum = 0.0f;
+      for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+        sum += scalbnf(sums[c], 2 * (static_cast<int>(exponents[c]) - exponent - extra));
+      }
+      sum = block_sum(sum);
+    }
+    if (threadIdx.x == 0) {
+      const float scale = scalbnf(1.0f, -(exponent + extra));
+      denominators[b] = safety * sqrtf(sum) + eps * scale;
+      denominators[batch + b] = scale;
+    }
   }
 }
 }  // namespace
@@ -105,6 +156,46 @@ struct alignas(N * sizeof(T)) Pack {
 template <typename T, int N>
 inline bool aligned_for_pack(const void* ptr) {
   return reinterpret_cast<uintptr_t>(ptr) % (N * sizeof(T)) == 0;
+}
+
+// Elements per pack of a kernel over several storage types: one 16-byte access of the narrowest (e.g. 8 for a
+// bf16 gradient beside fp32 state: one 16-byte load of the gradient, two of each fp32 tensor).
+template <typename T, typename... Rest>
+constexpr int narrowest_size() {
+  if constexpr (sizeof...(Rest) == 0) {
+    return static_cast<int>(sizeof(T));
+  } else {
+    constexpr int rest = narrowest_size<Rest...>();
+    return static_cast<int>(sizeof(T)) < rest ? static_cast<int>(sizeof(T)) : rest;
+  }
+}
+template <typename... T>
+constexpr int kPackOf = 16 / narrowest_size<T...>();
+
+// Whether every pointer of a list is aligned for packs of N elements of T.
+template <typename T, int N>
+inline bool list_aligned_for_pack(void* const* ptrs, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    if (!aligned_for_pack<T, N>(ptrs[i])) return false;
+  }
+  return true;
+}
+
+// Blocks for a memory-bound grid-stride kernel: enough resident blocks to fill every SM of the current GPU
+// (2048 threads per SM), never more than the work (one element, or one pack, per thread).
+inline unsigned memory_bound_grid(int64_t work, int threads) {
+  static int multiprocessors[64] = {};  // per device; a benign race: every writer stores the same value
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) device = 0;
+  if (multiprocessors[device] == 0) {
+    int count = 0;
+    if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count < 1) count = 1;
+    multiprocessors[device] = count;
+  }
+  const int64_t resident = static_cast<int64_t>(multiprocessors[device]) * (2048 / threads);
+  int64_t blocks = (work + threads - 1) / threads;
+  if (blocks > resident) blocks = resident;
+  return static_cast<unsigned>(blocks < 1 ? 1 : blocks);
 }
 
 }  // namespace fastoptim

@@ -59,20 +59,29 @@ cudaError_t launch_muon_momentum(void* buf, DType buf_dtype, const void* grad, D
                                  int64_t numel, float beta, float one_minus_beta, cudaStream_t stream);
 
 // muon_momentum over `count` contiguous tensors (bufs of buf_dtype, grads of grad_dtype), each writing its
-// Newton–Schulz input into outs[i] (out_dtype; a slice of one stack).
-// partials (nullable): (matrices, max_chunks) fp32, receives each chunk's sum of squares of the stored
-// values; matrix = (outs[i] - out_base) / matrix_bytes.
+// Newton–Schulz input into outs[i] (out_dtype; a slice of one stack; not written when store_out is false).
+// partials (nullable): (matrices, 2·max_chunks) fp32, receives each chunk's sum of squares of the stored values
+// (of the values before their cast when store_out is false) and then each chunk's exponent (the sum is
+// partial·4^exponent; overflow-safe, common.cuh); matrix = (outs[i] - out_base) / matrix_bytes.
 cudaError_t launch_muon_momentum_stack(void* const* bufs, DType buf_dtype, void* const* grads, DType grad_dtype,
                                        void* const* outs, DType out_dtype, const int64_t* numels, int64_t count,
                                        float beta, float one_minus_beta, bool nesterov, float* partials,
-                                       const void* out_base, int64_t matrix_bytes, int64_t max_chunks,
-                                       cudaStream_t stream);
+                                       bool store_out, const void* out_base, int64_t matrix_bytes,
+                                       int64_t max_chunks, cudaStream_t stream);
 
-// out[i] <- out[i] / (safety·sqrt(Σ_c partials[i, c]) + eps) for a contiguous (matrices, numel) stack.
-// denominators: `matrices` fp32, uninitialized (each matrix's denominator, computed once).
+// out[i] <- out[i] / (safety·‖out[i]‖_F + eps) for a contiguous (matrices, numel) stack, from the partials.
+// denominators: 2·matrices fp32, uninitialized (each matrix's denominator, then its scale, computed once).
 cudaError_t launch_muon_stack_normalize(void* out, DType out_dtype, const float* partials, float* denominators,
                                        int64_t matrices, int64_t numel, int64_t max_chunks, float safety, float eps,
                                        cudaStream_t stream);
+
+// After launch_muon_momentum_stack with store_out false (a float16 stack): outs[i] <- U_i / (safety·‖U_i‖_F + eps)
+// with U_i recomputed from the new bufs[i] (and grads[i]). denominators as above.
+cudaError_t launch_muon_stack_recompute(void* const* bufs, DType buf_dtype, void* const* grads, DType grad_dtype,
+                                       void* const* outs, DType out_dtype, const int64_t* numels, int64_t count,
+                                       float beta, bool nesterov, const float* partials, float* denominators,
+                                       int64_t matrices, int64_t max_chunks, float safety, float eps,
+                                       const void* out_base, int64_t matrix_bytes, cudaStream_t stream);
 
 // NorMuon on a contiguous (batch, m, n) stack; second_moment (batch*m) fp32; workspace: 2*(batch*m + batch)
 // fp32, uninitialized (row sums, then per-matrix norms; no atomics). keep = 1 - lr*wd,

@@ -122,3 +122,57 @@ def chunk_tables(
     if len(_table_cache) > TABLE_CACHE_SIZE:
         _table_cache.popitem(last=False)
     return tables
+
+
+# Overflow-safe Frobenius norms (fastoptim.reference.frobenius_normalized): a reduction whose sum of squares
+# overflows although every entry is finite sums again with its entries scaled by a power of two, and reports
+# (sum, exponent) meaning sum·4^exponent. Scaling by a power of two is exact, so wherever nothing overflows
+# the exponent is 0 and every result is bit for bit what the unscaled formula gives.
+
+
+@triton.jit
+def exponent_of(x, WIDE: tl.constexpr):
+    """floor(log2 |x|) of a normal float32 x (WIDE: float64), read from its exponent bits; zero and
+    subnormals give -127 (-1023), infinities and NaN 128 (1024)."""
+    if WIDE:
+        return ((x.to(tl.int64, bitcast=True) >> 52) & 0x7FF).to(tl.int32) - 1023
+    else:
+        return ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+
+
+@triton.jit
+def pow2(exponent, WIDE: tl.constexpr):
+    """2^exponent, exactly, as a float32 (WIDE: float64) for an integer exponent up to 127 (1023); 0 below
+    the normal range (-126; -1022), where a term scaled by it is negligible beside the largest."""
+    if WIDE:
+        biased = exponent.to(tl.int64) + 1023
+        return tl.where(biased < 1, 0.0, (tl.maximum(biased, 1) << 52).to(tl.float64, bitcast=True))
+    else:
+        biased = exponent.to(tl.int32) + 127
+        return tl.where(biased < 1, 0.0, (tl.maximum(biased, 1) << 23).to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def rescale_exponent(total, largest, WIDE: tl.constexpr):
+    """The power of two to divide a block's entries by before summing their squares again: 0 (no rescale)
+    unless the sum of squares `total` overflowed while the largest |entry| is finite; then floor(log2 largest),
+    at most 126 (1022) so that 2^-exponent is a normal number."""
+    overflowed = (total == float("inf")) & (largest < float("inf"))
+    return tl.where(overflowed, tl.minimum(exponent_of(largest, WIDE), 1022 if WIDE else 126), 0)
+
+
+@triton.jit
+def combine_scaled_sums(sums, exponents, WIDE: tl.constexpr):
+    """(total, exponent) with total·4^exponent = Σ_p sums[p]·4^exponents[p], summed in index order; when
+    every exponent is 0 and the sum does not overflow, total is the plain sum bit for bit and exponent 0.
+    If the plain sum of finite terms overflows, every term is divided by 4^g first (g <= 64, or 512)."""
+    top = tl.max(exponents, axis=0)
+    terms = sums * pow2(2 * (exponents - top), WIDE)
+    total = tl.sum(terms, axis=0)
+    largest_term = tl.max(terms, axis=0)
+    extra = tl.where(
+        (total == float("inf")) & (largest_term < float("inf")), exponent_of(largest_term, WIDE) // 2 + 1, 0
+    )
+    shrink = pow2(-extra, WIDE)  # applied twice: 4^-extra may be below the normal range, 2^-extra is not
+    total = tl.where(extra > 0, tl.sum(terms * shrink * shrink, axis=0), total)
+    return total, top + extra

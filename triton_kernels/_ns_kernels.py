@@ -10,6 +10,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._common import combine_scaled_sums, pow2, rescale_exponent
+
 
 @triton.jit
 def _batch_offset(batch, batch_stride):
@@ -28,17 +30,21 @@ def _sum_squares_kernel(
     g_ptr, partial_ptr, m, n, stride_gb, stride_gm, stride_gn, num_partials,
     ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """partial[b, p] = sum of G[b]² over the tiles p, p + P, p + 2P, ... of matrix b (P = num_partials).
+    """partial[b, p] = sum of G[b]² over the tiles p, p + P, p + 2P, ... of matrix b (P = num_partials),
+    and partial[b, P + p] its exponent e (the sum is partial·4^e; 0 unless the squares of finite entries
+    overflowed, and then the tiles are summed again divided by 2^e: `rescale_exponent`).
 
     Several programs per matrix keep a lone large matrix from being read by a single SM; the partial
     sums are finished in the scale kernel, so the result does not depend on atomics' order.
     """
+    WIDE: tl.constexpr = ACC_DTYPE == tl.float64
     part = tl.program_id(0)
     batch = tl.program_id(1)
     g_ptr += _batch_offset(batch, stride_gb)
     tiles_c = tl.cdiv(n, BLOCK_C)
     num_tiles = tl.cdiv(m, BLOCK_R) * tiles_c
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC_DTYPE)
+    peak = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC_DTYPE)
     for tile in range(part, num_tiles, num_partials):
         rows = (tile // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = (tile % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -46,7 +52,23 @@ def _sum_squares_kernel(
         ptrs = g_ptr + _row_offset(rows, stride_gm)[:, None] + _row_offset(cols, stride_gn)[None, :]
         x = tl.load(ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
         acc += x * x
-    tl.store(partial_ptr + _batch_offset(batch, num_partials) + part, tl.sum(acc))
+        peak = tl.maximum(peak, tl.abs(x))
+    total = tl.sum(acc)
+    exponent = rescale_exponent(total, tl.max(peak), WIDE)
+    if exponent != 0:  # rare: finite entries whose squares overflow; read the tiles again, scaled
+        scale = pow2(-exponent, WIDE)
+        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC_DTYPE)
+        for tile in range(part, num_tiles, num_partials):
+            rows = (tile // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
+            cols = (tile % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+            mask = (rows[:, None] < m) & (cols[None, :] < n)
+            ptrs = g_ptr + _row_offset(rows, stride_gm)[:, None] + _row_offset(cols, stride_gn)[None, :]
+            x = tl.load(ptrs, mask=mask, other=0.0).to(ACC_DTYPE) * scale
+            acc += x * x
+        total = tl.sum(acc)
+    row = partial_ptr + _batch_offset(batch, 2 * num_partials)
+    tl.store(row + part, total)
+    tl.store(row + num_partials + part, exponent.to(ACC_DTYPE))
 
 
 @triton.jit
@@ -54,22 +76,31 @@ def _scale_cast_kernel(
     g_ptr, partial_ptr, x_ptr, m, n, stride_gb, stride_gm, stride_gn, stride_xb, safety, eps,
     ACC_DTYPE: tl.constexpr, NUM_PARTIALS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """X[b] = G[b] / (safety·‖G[b]‖_F + eps), computed in ACC_DTYPE, stored in X's dtype (m x n rows)."""
+    """X[b] = G[b] / (safety·‖G[b]‖_F + eps), computed in ACC_DTYPE, stored in X's dtype (m x n rows).
+
+    Overflow-safe as fastoptim.reference.frobenius_normalized: with ‖G‖² = total·4^e (e = 0 unless the
+    squares overflowed), X = (G·2^-e) / (safety·√total + eps·2^-e), the same bits as G / (safety·‖G‖ + eps)
+    when e = 0."""
+    WIDE: tl.constexpr = ACC_DTYPE == tl.float64
     tile = tl.program_id(0)
     batch = tl.program_id(1)
-    partials = tl.load(partial_ptr + _batch_offset(batch, NUM_PARTIALS) + tl.arange(0, NUM_PARTIALS))
+    row = partial_ptr + _batch_offset(batch, 2 * NUM_PARTIALS)
+    partials = tl.load(row + tl.arange(0, NUM_PARTIALS))
+    exponents = tl.load(row + NUM_PARTIALS + tl.arange(0, NUM_PARTIALS)).to(tl.int32)
+    total, exponent = combine_scaled_sums(partials, exponents, WIDE)
+    scale = pow2(-exponent, WIDE)
     # IEEE-rounded sqrt and division (tl.sqrt and "/" compile to sqrt.approx.ftz / div.full on a GPU: up
     # to 2 ulp off, and a subnormal ‖G‖² would be flushed to zero); fp64 is IEEE either way.
     if ACC_DTYPE == tl.float64:
-        denominator = tl.sqrt(tl.sum(partials)) * safety + eps
+        denominator = tl.sqrt(total) * safety + eps * scale
     else:
-        denominator = tl.sqrt_rn(tl.sum(partials)) * safety + eps
+        denominator = tl.sqrt_rn(total) * safety + eps * scale
     tiles_c = tl.cdiv(n, BLOCK_C)
     rows = (tile // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = (tile % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < m) & (cols[None, :] < n)
     g_ptrs = g_ptr + _batch_offset(batch, stride_gb) + _row_offset(rows, stride_gm)[:, None]
-    g = tl.load(g_ptrs + _row_offset(cols, stride_gn)[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+    g = tl.load(g_ptrs + _row_offset(cols, stride_gn)[None, :], mask=mask, other=0.0).to(ACC_DTYPE) * scale
     if ACC_DTYPE == tl.float64:
         x = (g / denominator).to(x_ptr.dtype.element_ty)
     else:

@@ -104,7 +104,7 @@ def _launch_chunk(G, partials, x_buffers, gram, schedule, eps, config, upcast, n
             x.copy_(G)  # a cast into the workspace
     else:
         acc_dtype = tl.float64 if partials.dtype == torch.float64 else tl.float32
-        num_partials = partials.shape[1]
+        num_partials = partials.shape[1] // 2  # sums, then their exponents
         kernels._sum_squares_kernel[(num_partials, batch)](
             G, partials, m, n, *G.stride(), num_partials,
             ACC_DTYPE=acc_dtype, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C,
@@ -168,7 +168,7 @@ def _newton_schulz(
         return torch.empty(dims, dtype=dtype, device=device)
 
     acc_dtype = torch.float64 if G.dtype == torch.float64 else torch.float32
-    partials = workspace(batch, _num_partials(batch, m, n, device), dtype=acc_dtype)
+    partials = workspace(batch, 2 * _num_partials(batch, m, n, device), dtype=acc_dtype)  # sums, exponents
     x_buffers = (workspace(batch, m, n), workspace(batch, m, n) if steps else None)
     gram = workspace(2, batch, size, size) if steps else workspace(2, 0, 1, 1)
     upcast = device.type == "cpu" and compute_dtype != torch.float32

@@ -105,14 +105,21 @@ def muon_momentum_stack_(bufs, grads, out, beta, nesterov, normalize=False, safe
     if out.numel() == 0:
         return
     chunks = -(-out[0].numel() // _C.MULTI_TENSOR_CHUNK)
-    # Every (matrix, chunk) partial is written by exactly one block: no zero-fill needed.
-    partials = torch.empty((out.shape[0], chunks), dtype=torch.float32, device=out.device) if normalize else None
+    # Every (matrix, chunk) partial (a sum, then its exponent) is written by exactly one block: no zero-fill.
+    partials = torch.empty((out.shape[0], 2 * chunks), dtype=torch.float32, device=out.device) if normalize else None
     # The kernel takes bufs of one dtype and grads of one dtype: one launch per combination.
-    for index in _groups(bufs, grads):
+    groups = list(_groups(bufs, grads))
+    for index in groups:
         _C.muon_momentum_stack_(
             [bufs[i] for i in index], [grads[i] for i in index], out, list(index), beta, nesterov, partials
         )
-    if normalize:
+    if normalize and out.dtype == torch.float16:  # not written yet: normalized from the recomputed values
+        for index in groups:
+            _C.muon_stack_recompute_(
+                [bufs[i] for i in index], [grads[i] for i in index], out, list(index), beta, nesterov, partials,
+                safety, eps,
+            )
+    elif normalize:
         _C.muon_stack_normalize_(out, partials, safety, eps)
 
 

@@ -48,6 +48,7 @@ from torch import Tensor
 
 from . import _validation as check
 from ._geometry import matrix_form
+from .reference import power_of_two_scale
 
 METHODS = ("power", "svd")
 _TINY = 1e-30
@@ -77,6 +78,15 @@ def _seed(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"seed must be an integer, got {type(value).__name__} {value!r}")
     return int(value)
+
+
+def _scaled(X: Tensor) -> tuple[Tensor, Tensor]:
+    """(X·s, s) in the accumulation dtype, s a power of two per matrix (`reference.power_of_two_scale`): exact,
+    and the Gram matrices and sums of squares of X·s cannot overflow (a float32 matrix with entries above
+    ~1e19 would give inf and NaN). Scale-invariant statistics are computed from X·s as they are."""
+    Y = X.to(_acc(X))
+    s = power_of_two_scale(Y)
+    return Y * s, s
 
 
 def _gram(X: Tensor) -> Tensor:
@@ -143,8 +153,10 @@ def singular_value_range(X: Tensor, method: str = "svd", iters: int = 50, seed: 
     if _method(method) == "svd":
         s = torch.linalg.svdvals(X.to(_acc(X)))
         return s[..., -1], s[..., 0]
-    low, high = _eigen_range(X, _iters(iters), _seed(seed))
-    return low.sqrt(), high.sqrt()
+    Y, s = _scaled(X)
+    low, high = _eigen_range(Y, _iters(iters), _seed(seed))
+    s = s.squeeze(-1).squeeze(-1)
+    return low.sqrt() / s, high.sqrt() / s
 
 
 def spectral_norm(W: Tensor, method: str = "power", iters: int = 30, seed: int = 0) -> Tensor:
@@ -152,19 +164,20 @@ def spectral_norm(W: Tensor, method: str = "power", iters: int = 30, seed: int =
     W = _matrix("W", W)
     if _method(method) == "svd":
         return torch.linalg.svdvals(W.to(_acc(W)))[..., 0]
-    return _top_eigenvalue(_gram(W), _iters(iters), _seed(seed)).sqrt()
+    Y, s = _scaled(W)
+    return _top_eigenvalue(_gram(Y), _iters(iters), _seed(seed)).sqrt() / s.squeeze(-1).squeeze(-1)
 
 
 def condition_number(W: Tensor, method: str = "power", iters: int = 50, seed: int = 0) -> Tensor:
     """σ_max / σ_min per matrix of W over its min(m, n) singular values (inf when σ_min = 0)."""
-    low, high = singular_value_range(_matrix("W", W), method, iters, seed)
+    low, high = singular_value_range(_scaled(_matrix("W", W))[0], method, iters, seed)  # scale-invariant
     return torch.where(low > 0, high / low.clamp_min(_TINY), torch.full_like(high, math.inf))
 
 
 def stable_rank(W: Tensor, method: str = "power", iters: int = 30, seed: int = 0) -> Tensor:
     """‖W‖_F² / ‖W‖_2² per matrix of W (0 for a zero matrix)."""
-    W = _matrix("W", W)
-    frobenius_sq = W.to(_acc(W)).square().sum(dim=(-2, -1))
+    W, _ = _scaled(_matrix("W", W))  # scale-invariant
+    frobenius_sq = W.square().sum(dim=(-2, -1))
     top = spectral_norm(W, method, iters, seed).square()
     return frobenius_sq / top.clamp_min(_TINY)
 
@@ -175,8 +188,8 @@ def stable_rank(W: Tensor, method: str = "power", iters: int = 30, seed: int = 0
 
 def row_norm_cv(M: Tensor) -> Tensor:
     """Coefficient of variation std/mean (population std) of the row norms of each matrix of M (..., m, n)."""
-    M = _matrix("M", M)
-    norms = torch.linalg.vector_norm(M.to(_acc(M)), dim=-1)
+    M, _ = _scaled(_matrix("M", M))  # scale-invariant
+    norms = torch.linalg.vector_norm(M, dim=-1)
     mean = norms.mean(dim=-1)
     std = norms.std(dim=-1, correction=0)
     return std / mean.clamp_min(_TINY)

@@ -100,6 +100,14 @@ else:  # a torch build without torch.distributed: nothing here is ever distribut
     DTensor = Replicate = Shard = _StridedShard = None
 
 
+def transport_dtype(ns_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the sharded layouts cast and move the not yet normalized Newton–Schulz input in: ns_dtype,
+    except float16, whose range (65504) a momentum can exceed before Newton–Schulz normalizes it: float32
+    then (twice the bytes, for float16 only; Newton–Schulz normalizes in float32 and casts, as the fused
+    normalization of one process does for a float16 stack)."""
+    return torch.float32 if ns_dtype == torch.float16 else ns_dtype
+
+
 def is_dtensor(t: object) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
@@ -426,7 +434,7 @@ class ShardedLayout:
                         f"a {tuple(p.shape)} DTensor holds {local_tensor(p).shape[0]} rows on rank {rank}; "
                         f"Shard(0) of {m} rows over {world} ranks gives {mine} (torch.chunk)"
                     )
-            send = torch.empty((len(params), mine, n), dtype=ns_dtype, device=device)
+            send = torch.empty((len(params), mine, n), dtype=transport_dtype(ns_dtype), device=device)
             compute.ns_input(
                 [local_tensor(state[p]["momentum_buffer"]) for p in params],
                 [local_tensor(p.grad) for p in params],
@@ -454,7 +462,7 @@ class ShardedLayout:
             bounds, params, counts, rows_in, state_in = gathers[b]
             rows = [stop - start for start, stop in bounds]
             owned, mine = counts[rank], rows[rank]
-            full = _assemble(rows_in.wait(), bounds, (owned, m, n), ns_dtype)
+            full = _assemble(rows_in.wait(), bounds, (owned, m, n), transport_dtype(ns_dtype))
             state_full = {key: _assemble(x.wait(), bounds, (owned, m), x.recv.dtype) for key, x in state_in.items()}
             del rows_in, state_in
             direction = torch.empty((owned, m, n), dtype=rule.direction_dtype(group, dtype), device=device)
@@ -586,7 +594,8 @@ class GatheredLayout:
             shape = tuple(params[0].shape)
             local_shape = tuple(local_tensor(params[0]).shape)
             local_numel = math.prod(local_shape)
-            ns_input = torch.empty((len(params), 1, local_numel), dtype=group["ns_dtype"], device=device)
+            ns_input = torch.empty((len(params), 1, local_numel), dtype=transport_dtype(group["ns_dtype"]),
+                                   device=device)
             compute.ns_input(
                 [local_tensor(state[p]["momentum_buffer"]) for p in params],
                 [local_tensor(p.grad) for p in params],

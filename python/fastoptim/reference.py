@@ -37,7 +37,8 @@ def newton_schulz(
 ) -> torch.Tensor:
     """Approximate orthogonal polar factor of each matrix of a stack G (..., m, n).
 
-        X = G / (safety·‖G‖_F + eps)        (in fp32, or fp64 when G or compute_dtype is fp64;
+        X = G / (safety·‖G‖_F + eps)        (in fp32, or fp64 when G or compute_dtype is fp64, then
+                                             cast; overflow-safe: `frobenius_normalized`;
                                              normalized=True: X = G, already scaled, e.g. by
                                              muon_momentum_stack_(normalize=True))
         for each (a, b, c) of the schedule:
@@ -53,10 +54,7 @@ def newton_schulz(
     if normalized:
         X = G.to(compute_dtype, copy=True)
     else:
-        norm_dtype = accumulate_dtype(G, compute_dtype)
-        G_wide = G.to(norm_dtype)
-        frobenius = torch.linalg.matrix_norm(G_wide, ord="fro", keepdim=True)
-        X = (G_wide / (frobenius * schedule.safety + eps)).to(compute_dtype)
+        X = frobenius_normalized(G.to(accumulate_dtype(G, compute_dtype)), schedule.safety, eps).to(compute_dtype)
     tall = m > n
     for a, b, c in schedule.triples:
         if tall:
@@ -68,6 +66,38 @@ def newton_schulz(
             B = b * A + c * (A @ A)
             X = a * X + B @ X
     return X.contiguous()
+
+
+def power_of_two_scale(U: torch.Tensor) -> torch.Tensor:
+    """A power of two s (..., 1, 1) per matrix of a float32/float64 stack U that brings its largest |entry|
+    into [0.5, 1) (clamped so that s is a normal number: the largest float32 scales to < 4); 1 for a zero,
+    empty, infinite or NaN matrix. U·s is exact, and its sums of squares cannot overflow."""
+    largest = U.abs().amax(dim=(-2, -1), keepdim=True) if U.numel() > 0 else U.new_ones(*U.shape[:-2], 1, 1)
+    _, exponent = torch.frexp(largest)  # largest = mantissa·2^exponent, mantissa in [0.5, 1)
+    finite_nonzero = torch.isfinite(largest) & (largest > 0)
+    limit = 1022 if U.dtype == torch.float64 else 126
+    exponent = torch.where(finite_nonzero, exponent, 0).clamp(-limit, limit)
+    return torch.pow(2.0, -exponent.to(U.dtype))
+
+
+def frobenius_normalized(U: torch.Tensor, safety: float, eps: float) -> torch.Tensor:
+    """U / (safety·‖U‖_F + eps) for each matrix of a float32 or float64 stack U (..., m, n).
+
+    Newton–Schulz is scale-invariant, so its normalization must not fail on a finite U: the sum of
+    squares of a float32 matrix overflows once its entries pass ~1.8e19 (and ‖U‖_F itself can pass
+    the largest float when U is finite). Each matrix is therefore scaled first by a power of two s
+    taken from its largest |entry|,
+
+        U / (safety·‖U‖_F + eps) = (U·s) / (safety·‖U·s‖_F + eps·s),
+
+    and multiplying by a power of two is exact, so this rounds bit for bit as the unscaled formula
+    wherever that one neither overflows nor underflows. A zero, infinite or NaN largest entry keeps
+    s = 1 (a zero matrix gives 0 / eps = 0; a non-finite one stays non-finite).
+    """
+    s = power_of_two_scale(U)
+    scaled = U * s
+    frobenius = torch.linalg.matrix_norm(scaled, ord="fro", keepdim=True)
+    return scaled / (frobenius * safety + eps * s)
 
 
 def muon_momentum_(buf: torch.Tensor, grad: torch.Tensor, beta: float, nesterov: bool) -> torch.Tensor:
@@ -99,18 +129,25 @@ def muon_momentum_stack_(
     stack: for each i, buf_i <- lerp(buf_i, grad_i, 1 - beta) and
     U_i = (lerp(grad_i, buf_i, beta) if nesterov else buf_i), viewed as (m, n), cast to out's dtype;
     out[i] <- U_i, or with normalize
-    out[i] <- U_i / (safety·‖U_i‖_F + eps)      (fp32 arithmetic; fp64 for a float64 out)
-    — Newton–Schulz's normalization (then call newton_schulz(..., normalized=True)). The norm is that
-    of the stored U_i, as the official Muon code normalizes after its cast to bfloat16. This is how an
+    out[i] <- U_i / (safety·‖U_i‖_F + eps)      (fp32 arithmetic; fp64 for a float64 out; overflow-safe,
+                                                 `frobenius_normalized`)
+    — Newton–Schulz's normalization (then call newton_schulz(..., normalized=True)). The norm and the
+    division are those of the stored U_i, as the official Muon code normalizes after its cast to
+    bfloat16 — except for a float16 out, whose range (65504) a momentum can exceed: there U_i is
+    normalized in fp32 before the cast (the normalized values always fit). This is how an
     optimizer fills the batched input of one shape bucket: one pass over the gradients, no per-matrix
     temporary, no copy, no separate normalization pass over a full-precision stack."""
+    if normalize and out.dtype == torch.float16:
+        # float16 holds at most 65504, a momentum may not: normalize U itself, then cast.
+        for i, (buf, grad) in enumerate(zip(bufs, grads)):
+            U = muon_momentum_(buf, grad, beta, nesterov).reshape(out.shape[1:]).to(torch.float32)
+            out[i].copy_(frobenius_normalized(U, safety, eps))
+        return
     for i, (buf, grad) in enumerate(zip(bufs, grads)):
         ns_input = muon_momentum_(buf, grad, beta, nesterov)
         out[i].copy_(ns_input.reshape(out.shape[1:]))
     if normalize:
-        U = out.to(accumulate_dtype(out))
-        frobenius = torch.linalg.matrix_norm(U, ord="fro", keepdim=True)
-        out.copy_(U / (frobenius * safety + eps))
+        out.copy_(frobenius_normalized(out.to(accumulate_dtype(out)), safety, eps))
 
 
 def muon_apply_(
