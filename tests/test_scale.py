@@ -64,8 +64,9 @@ def test_reference_normalization_of_zero_and_non_finite_matrices():
 def test_newton_schulz_is_bit_for_bit_scale_invariant_up_to_float32_max(backend, shape, scale):
     device = device_for(backend)
     G = torch.randn(_shape(shape, backend), device=device)
-    want = fastoptim.newton_schulz(G, eps=TINY_EPS, compute_dtype=F32, backend=backend)
-    got = fastoptim.newton_schulz(G * scale, eps=TINY_EPS, compute_dtype=F32, backend=backend)
+    # Two iterations: the normalization is what is under test (and the interpreter is slow).
+    want = fastoptim.newton_schulz(G, steps=2, eps=TINY_EPS, compute_dtype=F32, backend=backend)
+    got = fastoptim.newton_schulz(G * scale, steps=2, eps=TINY_EPS, compute_dtype=F32, backend=backend)
     assert torch.isfinite(got).all()
     assert_equal(got, want)
 
