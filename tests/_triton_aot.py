@@ -96,6 +96,23 @@ def _resources(kernel, ptxas_log: str) -> dict:
             "local": int(fields["LOCAL"])}
 
 
+# Instructions counted in each Newton–Schulz kernel's PTX (what makes them fast): 16-byte and 2-byte
+# global stores, Hopper's wgmma, Ampere's mma.sync, cp.async, TMA copies. ptxas maps them one to one
+# (st.global.v4 -> STG.E.128, wgmma -> HGMMA: checked by hand with nvdisasm); the PTX is already in
+# memory, while disassembling every cubin would add about a second per kernel.
+_INSTRUCTIONS = {
+    "st_global_v4": r"\bst\.global(\.\w+)*\.v4\b", "st_global_b16": r"\bst\.global(\.\w+)*\.b16\b",
+    "wgmma": r"\bwgmma\.mma_async\b", "mma_sync": r"\bmma\.sync\b", "cp_async": r"\bcp\.async\.(ca|cg)\b",
+    "tma": r"\bcp\.async\.bulk\.tensor\b",
+}
+
+
+def _instructions(kernel) -> dict:
+    """Counts of the _INSTRUCTIONS patterns in the kernel's PTX (static counts, not executed ones)."""
+    ptx = kernel.asm["ptx"]
+    return {"instructions": {name: len(re.findall(pattern, ptx)) for name, pattern in _INSTRUCTIONS.items()}}
+
+
 def _compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
     log = io.StringIO()
     start = time.perf_counter()
@@ -110,22 +127,28 @@ def _compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
         return None
     seconds = time.perf_counter() - start
     key = (_DRIVER.target.arch, kernel.hash)
-    if key not in _RECORDS:
+    if key in _RECORDS:
+        if _CALL[0] not in _RECORDS[key]["calls"]:
+            _RECORDS[key]["calls"].append(_CALL[0])
+    else:
         meta = kernel.metadata
         names = self.arg_names
         _RECORDS[key] = {
             "arch": _DRIVER.target.arch,
             "kernel": self.fn.__name__,
             "call": _CALL[0],
+            "calls": [_CALL[0]],  # every launcher call that compiled to this kernel
             "signature": {name: ty for name, ty in kernel.src.signature.items() if ty != "constexpr"},
             "constexprs": {names[path[0]]: _describe(value) for path, value in kernel.src.constants.items()},
             "attrs": {names[path[0]]: attr for path, attr in kernel.src.attrs.items()},
             "num_warps": meta.num_warps,
             "num_stages": meta.num_stages,
+            "max_registers": getattr(meta, "maxnreg", None),  # the launch's maxnreg cap, if any
             "shared": meta.shared,
             "cubin_bytes": len(kernel.asm["cubin"]),
             "compile_s": round(seconds, 3),
             **_resources(kernel, log.getvalue()),
+            **(_instructions(kernel) if self.fn.__module__.endswith("_ns_kernels") else {}),
         }
     return kernel
 
@@ -166,6 +189,11 @@ def _newton_schulz_calls(ns) -> None:
     for dtype in (torch.bfloat16, torch.float16, torch.float64):
         G = torch.empty((1, 256, 768), dtype=dtype, device="meta")
         _call(f"newton_schulz G {_name(dtype)}", ns._newton_schulz, G, schedule, 1e-7, torch.bfloat16)
+    # GPT-2 small's MLP matrix alone and as a stack of 12: the small-grid rule on 132 SMs (64-row Gram
+    # tiles for the lone matrix, 128-row tiles for the stack).
+    for shape in [(768, 3072), (3072, 768), (12, 768, 3072)]:
+        G = torch.empty(shape, device="meta")
+        _call(f"newton_schulz bfloat16 {shape}", ns._newton_schulz, G, schedule, 1e-7, torch.bfloat16)
     # One lone matrix: many partial sums for it (NUM_PARTIALS = 256).
     G = torch.empty((8192, 8192), device="meta")
     _call("newton_schulz (8192, 8192)", ns._newton_schulz, G, schedule, 1e-7, torch.bfloat16)
@@ -302,6 +330,8 @@ def main() -> None:
     from fastoptim.triton_kernels import apply_stack, muon, muon_stack, newton_schulz, normuon, sophia
 
     newton_schulz._target_programs = lambda device: newton_schulz._REDUCTION_PROGRAMS_PER_SM * H100_SMS
+    newton_schulz._multiprocessor_count = lambda device: H100_SMS  # the small-grid rule's SM count
+    newton_schulz._arch = lambda device: _DRIVER.target.arch  # the register cap is for sm_90
     families = {
         "newton_schulz": lambda: _newton_schulz_calls(newton_schulz),
         "muon": lambda: _muon_calls(muon),

@@ -230,6 +230,95 @@ def test_triton_many_tiles_small_blocks(shape):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("has_addend", [False, True], ids=["XXt", "cAA+bA"])
+@pytest.mark.parametrize("size", [40, 48])  # three 16-tiles, the last one partial; or all whole
+def test_triton_symmetric_product_is_exactly_symmetric(has_addend, size):
+    """The epilogue: off-diagonal tiles store themselves and their mirror whole, a diagonal tile its
+    upper half and the transpose of it; every element is written (NaN-poisoned output), the result is
+    symmetric bit for bit and equals the float64 product."""
+    _, kernels = _ns_modules()
+    device = device_for("triton")
+    X = torch.randn(2, size, 70, device=device)
+    A = X @ X.mT
+    A = (A + A.mT) / 2  # a symmetric addend / operand, as the iteration's A
+    out = torch.full((2, size, size), float("nan"), device=device)
+    if has_addend:  # OUT = 0.7·A·A - 1.3·A, Q read row-major as A itself
+        p, k, strides, alpha, beta = A, size, (size, 1, size, 1), 0.7, -1.3
+        expected = alpha * (A.double() @ A.double()) + beta * A.double()
+    else:  # OUT = X Xᵀ: Q = Xᵀ through strides
+        p, k, strides, alpha, beta = X, 70, (70, 1, 1, 70), 1.0, 0.0
+        expected = X.double() @ X.double().mT
+    triangle = 3 * 4 // 2
+    kernels._symmetric_product_kernel[(triangle, 2)](
+        p, p, A, out, size, k, p.stride(0), *strides[:2], p.stride(0), *strides[2:], out.stride(0), alpha, beta,
+        HAS_ADDEND=has_addend, UPCAST=False, BLOCK=16, BLOCK_K=16,
+    )
+    assert torch.equal(out, out.mT)
+    assert_matrix_close(out, expected.float())
+
+
+@pytest.mark.triton
+def test_triton_small_grid_rule():
+    """Launches whose 128-row grid has fewer programs than the GPU's SMs take 64-row tiles; the register
+    cap that lets two CTAs share an SM is for aligned 16-bit 128-row tiles on sm_90 only."""
+    ns, _ = _ns_modules()
+    bf16 = torch.bfloat16
+    # One 768 x 3072 matrix on 132 SMs: 21 Gram tiles of 128 -> 64-row tiles; its update has 6 x 24 = 144.
+    gram, update = ns._configs(1, 768, 3072, bf16, 132, 90)
+    assert (gram.block, update.block) == (64, 128)
+    assert gram.max_registers is None and update.max_registers == 128
+    tall_gram, tall_update = ns._configs(1, 3072, 768, bf16, 132, 90)
+    assert (tall_gram, tall_update) == (gram, update)
+    # GPT-2 small's 12 such matrices: 252 Gram tiles fill 132 SMs.
+    assert [c.block for c in ns._configs(12, 768, 3072, bf16, 132, 90)] == [128, 128]
+    assert [c.block for c in ns._configs(7, 768, 3072, bf16, 132, 90)] == [128, 128]  # 147 tiles
+    assert [c.block for c in ns._configs(6, 768, 3072, bf16, 132, 90)] == [64, 128]  # 126 tiles
+    # Off a GPU (no SM count) the table decides; fp32, Ampere and unaligned sizes are not capped.
+    assert [c.block for c in ns._configs(1, 768, 3072, bf16, None, None)] == [128, 128]
+    assert all(c.max_registers is None for c in ns._configs(12, 768, 3072, bf16, 132, 80))
+    assert all(c.max_registers is None for c in ns._configs(12, 768, 3072, torch.float32, 132, 90))
+    assert all(c.max_registers is None for c in ns._configs(12, 701, 2000, bf16, 132, 90))
+    # Gram sizes up to 512 already use 64-row (or 32-row) tiles.
+    assert ns._configs(1, 256, 768, bf16, 132, 90) == (ns._config(256, bf16),) * 2
+
+
+@pytest.mark.triton
+def test_triton_launcher_uses_the_small_grid_rule(monkeypatch):
+    """The launcher passes its device's SM count and architecture to the rule and launches with what it
+    returns (the Gram products and the update with their own tiles)."""
+    ns, kernels = _ns_modules()
+    seen = []
+    monkeypatch.setattr(ns, "_multiprocessor_count", lambda device: 1000)
+    monkeypatch.setattr(ns, "_arch", lambda device: 90)
+
+    def configs(batch, m, n, compute_dtype, multiprocessors, arch):
+        seen.append((batch, m, n, multiprocessors, arch))
+        return ns._Config(16, 16, 4, 2), ns._Config(32, 16, 4, 2)
+
+    monkeypatch.setattr(ns, "_configs", configs)
+    blocks = {}
+    for name in ("_symmetric_product_kernel", "_product_axpy_kernel"):
+        kernel = getattr(kernels, name)
+
+        class Recording:
+            def __init__(self, kernel, name):
+                self.kernel, self.name = kernel, name
+
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    blocks.setdefault(self.name, set()).add(kwargs.get("BLOCK", kwargs.get("BLOCK_M")))
+                    return self.kernel[grid](*args, **kwargs)
+                return launch
+
+        monkeypatch.setattr(kernels, name, Recording(kernel, name))
+    G = torch.randn(3, 40, 50, device=device_for("triton"))
+    out = ns._newton_schulz(G, resolve("jordan", 2), 1e-7, torch.float32, poison=True)
+    assert seen == [(3, 40, 50, 1000, 90)]
+    assert blocks == {"_symmetric_product_kernel": {16}, "_product_axpy_kernel": {32}}
+    assert_matrix_close(out, reference.newton_schulz(G, 2, "jordan", 1e-7, torch.float32))
+
+
+@pytest.mark.triton
 def test_triton_long_stack_is_launched_in_chunks(monkeypatch):
     ns, _ = _ns_modules()
     monkeypatch.setattr(ns, "_MAX_BATCH_PER_LAUNCH", 2)

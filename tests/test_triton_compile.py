@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -96,6 +97,93 @@ def test_every_kernel_compiles(compiled, arch):
         assert r["shared"] <= MAX_SHARED[arch], f"{r['kernel']} needs {r['shared']} bytes of shared memory: {r}"
         threads = r["num_warps"] * 32
         assert threads <= 1024 and r["regs"] * threads <= REGISTERS_PER_SM, f"{r['kernel']} cannot launch: {r}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Newton–Schulz product kernels: what makes them fast (issue 15)
+
+_PRODUCTS = ("_symmetric_product_kernel", "_product_axpy_kernel")
+
+
+def _shape(call: str) -> tuple[int, ...] | None:
+    found = re.search(r"\((\d+(?:, \d+)+)\)", call)
+    return tuple(int(size) for size in found.group(1).split(", ")) if found else None
+
+
+def _products(compiled, arch: int, *, aligned: bool | None = None) -> list[dict]:
+    """Records of the Newton–Schulz product kernels compiled for `arch`; `aligned`: only those whose
+    first call has m and n multiples of 16 (True) or not (False)."""
+    records = [r for r in compiled[arch][1] if r.get("kernel") in _PRODUCTS and "error" not in r]
+    if aligned is not None:
+        records = [r for r in records if _shape(r["call"]) is not None
+                   and all(size % 16 == 0 for size in _shape(r["call"])[-2:]) == aligned]
+    return records
+
+
+def _block(record: dict) -> int:
+    return record["constexprs"].get("BLOCK", record["constexprs"].get("BLOCK_M"))
+
+
+def _sixteen_bit(record: dict) -> bool:
+    return record["signature"]["out_ptr"] in ("*bf16", "*fp16")
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_newton_schulz_epilogues_store_16_bytes(compiled, arch):
+    """Aligned sizes: the symmetric product stores whole tiles and mirrors in 16-byte vectors (PTX
+    st.global.v4, SASS STG.E.128), never the 2-byte scalar stores that triangle masks compile to (128 per
+    thread before: st.global.b16)."""
+    records = _products(compiled, arch, aligned=True)
+    symmetric = [r for r in records if r["kernel"] == "_symmetric_product_kernel"]
+    assert len(symmetric) >= 10 and any(_sixteen_bit(r) and _block(r) == 128 for r in symmetric)
+    for r in records:
+        counts = r["instructions"]
+        assert counts["st_global_b16"] == 0 and counts["st_global_v4"] > 0, (r["call"], r["constexprs"], counts)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_newton_schulz_two_ctas_per_sm_where_claimed(compiled, arch):
+    """The 16-bit 128 x 128 tiles on sm_90 run under a 128-register cap so two CTAs share an SM: every
+    product kernel so compiled stays within it without spilling, keeps its wgmma, and two of its
+    CTAs fit the register file and shared memory. sm_80 (mma.sync would spill) is left uncapped."""
+    records = _products(compiled, arch, aligned=True)
+    capped = [r for r in records if r["max_registers"] is not None]
+    if arch == 80:
+        assert not capped
+        return
+    wanted = [r for r in records if _sixteen_bit(r) and _block(r) == 128]
+    assert len(wanted) >= 3 and {r["kernel"] for r in wanted} == set(_PRODUCTS)
+    assert {id(r) for r in wanted} == {id(r) for r in capped}
+    for r in capped:
+        assert r["max_registers"] == 128 and r["regs"] <= 128, (r["call"], r["regs"])
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack"] == 0, r
+        assert 2 * r["regs"] * r["num_warps"] * 32 <= REGISTERS_PER_SM and 2 * r["shared"] <= MAX_SHARED[arch], r
+        assert r["instructions"]["wgmma"] > 0, r
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_newton_schulz_aligned_16bit_products_do_not_spill_and_use_tensor_cores(compiled, arch):
+    for r in _products(compiled, arch, aligned=True):
+        if not _sixteen_bit(r):
+            continue
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (r["call"], r["constexprs"], r["spill_stores"])
+        counts = r["instructions"]
+        if arch == 90 and _block(r) >= 64:  # warpgroup MMA needs 64-row tiles and 4 warps
+            assert counts["wgmma"] > 0 and counts["mma_sync"] == 0, (r["call"], counts)
+        else:
+            assert counts["mma_sync"] > 0, (r["call"], counts)
+
+
+def test_newton_schulz_small_grid_for_a_lone_768x3072(compiled):
+    """On 132 SMs one 768 x 3072 matrix (21 Gram tiles of 128) takes 64-row Gram tiles; its update
+    (144 tiles of 128) and a stack of 12 (252 Gram tiles) keep 128-row tiles."""
+    for call in ("newton_schulz bfloat16 (768, 3072)", "newton_schulz bfloat16 (3072, 768)",
+                 "newton_schulz bfloat16 (12, 768, 3072)"):
+        records = [r for r in _products(compiled, 90) if call in r["calls"]]
+        blocks = {(r["kernel"], r["constexprs"].get("HAS_ADDEND")): _block(r) for r in records}
+        gram = 128 if call.endswith("(12, 768, 3072)") else 64
+        assert blocks == {("_symmetric_product_kernel", False): gram, ("_symmetric_product_kernel", True): gram,
+                          ("_product_axpy_kernel", None): 128}, (call, blocks)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -149,8 +149,9 @@ def _symmetric_product_kernel(
 
     One program per tile on or above the diagonal (program_id(0) enumerates the upper triangle of
     the tile grid); it writes its tile and the transpose, so half the tiles' products are computed.
-    On a diagonal tile the upper half (diagonal included) is written by the tile and the strict lower
-    half by the transpose, so no element is written twice. OUT and ADDEND are contiguous stacks.
+    On a diagonal tile the upper half (diagonal included) is kept and the strict lower half is taken
+    from the tile's transpose, so OUT is exactly symmetric and no element is written twice. OUT and
+    ADDEND are contiguous stacks. FLOPs per tile: 2·BLOCK²·K; the stores are whole 16-byte vectors.
     """
     tile = tl.program_id(0)
     batch = tl.program_id(1)
@@ -173,10 +174,19 @@ def _symmetric_product_kernel(
     if HAS_ADDEND:
         acc += beta * tl.load(addend_ptr + tile_offsets, mask=in_range, other=0.0).to(tl.float32)
     result = acc.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + tile_offsets, result, mask=in_range & (rows[:, None] <= cols[None, :]))
     mirror_offsets = matrix + _row_offset(cols, size)[:, None] + rows[None, :]
-    mirror_mask = (cols[:, None] < size) & (rows[None, :] < size) & (cols[:, None] > rows[None, :])
-    tl.store(out_ptr + mirror_offsets, tl.trans(result), mask=mirror_mask)
+    mirror_in_range = (cols[:, None] < size) & (rows[None, :] < size)
+    # A triangle mask varies along a row, so a masked triangle compiles to one 2-byte store per element;
+    # the edge masks are constant over runs of 8 columns (size % 16 == 0), so whole tiles store 16 bytes
+    # at a time. An off-diagonal tile stores itself and its mirror whole; the diagonal tile stores itself
+    # once, its strict lower half taken from its own transpose (exactly symmetric, each element written
+    # once), not as two triangle-masked stores (scalar, and 40% more registers: past two CTAs per SM).
+    if lo == hi:
+        tl.store(out_ptr + tile_offsets, tl.where(rows[:, None] <= cols[None, :], result, tl.trans(result)),
+                 mask=in_range)
+    else:
+        tl.store(out_ptr + tile_offsets, result, mask=in_range)
+        tl.store(out_ptr + mirror_offsets, tl.trans(result), mask=mirror_in_range)
 
 
 @triton.jit

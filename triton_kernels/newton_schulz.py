@@ -23,6 +23,10 @@ FLOPs per iteration and matrix, with Gram size s = min(m, n) and l = max(m, n):
     X Xᵀ ≈ s²·l  (half of 2s²l, by symmetry);  A·A ≈ s³  (half of 2s³);  B·X = 2s²·l
     total ≈ 3s²l + s³, against 4s²l + 2s³ for three plain GEMMs.
 Workspaces, allocated once per call: A and B (s x s each) and two X buffers that alternate.
+Tiles (`_configs`): a table keyed on s; on a GPU, a launch whose 128-row grid would not give every SM a
+program takes 64-row tiles (the small-grid rule), and on sm_90 aligned 16-bit 128-row tiles are capped at
+128 registers per thread so that two CTAs share an SM. tests/test_triton_compile.py checks the compiled
+kernels (16-byte epilogue stores, wgmma, registers, spills, the rule at 768 x 3072 on 132 SMs).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class _Config:
     block_k: int
     num_warps: int
     num_stages: int
+    max_registers: int | None = None  # ptxas' .maxnreg; None: ptxas chooses
 
 
 # Keyed on the Gram size s = min(m, n): (largest s, config for 16-bit compute). fp32 halves BLOCK_K
@@ -67,6 +72,12 @@ _CONFIGS: tuple[tuple[float, _Config], ...] = (
     (512, _Config(64, 64, 4, 3)),
     (float("inf"), _Config(128, 64, 8, 3)),
 )
+# 128 x 128 16-bit tiles with 8 warps on Hopper (wgmma): at most 128 registers per thread (65536 / 512
+# threads) so that two CTAs share an SM (2 x 96 KiB of shared memory fits 227 KiB); ptxas alone takes
+# 104-138 there. Only for sizes that are multiples of 16 (unaligned tiles load element by element and
+# would spill under the cap) and not on Ampere (mma.sync holds operand fragments in registers: it
+# spills under the cap). tests/test_triton_compile.py checks registers and spills of both.
+_TWO_CTAS_PER_SM = 128
 
 
 def _config(gram_size: int, compute_dtype: torch.dtype) -> _Config:
@@ -76,11 +87,58 @@ def _config(gram_size: int, compute_dtype: torch.dtype) -> _Config:
     return config
 
 
+def _configs(
+    batch: int, m: int, n: int, compute_dtype: torch.dtype, multiprocessors: int | None, arch: int | None = None
+) -> tuple[_Config, _Config]:
+    """(config of the two symmetric products, config of the update product) for a (batch, m, n) stack.
+
+    Small-grid rule: a launch whose grid of 128-row tiles has fewer programs than the GPU has SMs
+    (batch·T(T+1)/2 Gram tiles with T = ceil(s/128); batch·ceil(m/128)·ceil(n/128) update tiles)
+    leaves SMs idle for its whole duration, so it takes 64-row tiles instead (about 4x the programs).
+    One 768 x 3072 matrix: 21 Gram tiles of 128 on 132 SMs -> 78 tiles of 64; its update keeps 144
+    tiles of 128. `multiprocessors` and `arch` (compute capability, 90 for sm_90) are None off a GPU
+    (the interpreter): the table alone decides.
+    """
+    size = min(m, n)
+    base = _config(size, compute_dtype)
+
+    def sized(programs_at_base: int) -> _Config:
+        config = base
+        if base.block == 128 and multiprocessors is not None and programs_at_base < multiprocessors:
+            config = _config(_CONFIGS[1][0], compute_dtype)  # the 64-row tiles of the table
+        aligned = m % 16 == 0 and n % 16 == 0
+        if config.block == 128 and compute_dtype != torch.float32 and aligned and (arch or 0) >= 90:
+            config = _Config(config.block, config.block_k, config.num_warps, config.num_stages, _TWO_CTAS_PER_SM)
+        return config
+
+    tiles = triton.cdiv(size, base.block)
+    gram = sized(batch * tiles * (tiles + 1) // 2)
+    update = sized(batch * triton.cdiv(m, base.block) * triton.cdiv(n, base.block))
+    return gram, update
+
+
+@functools.cache
+def _multiprocessor_count(device: torch.device) -> int | None:
+    """SMs of the GPU a launch runs on; None for CPU tensors (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def _arch(device: torch.device) -> int | None:
+    """Compute capability of the GPU as one number (90 for sm_90); None for CPU tensors."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 @functools.cache
 def _target_programs(device: torch.device) -> int:
     if device.type != "cuda":
         return _REDUCTION_PROGRAMS_INTERPRETER
-    return _REDUCTION_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return _REDUCTION_PROGRAMS_PER_SM * _multiprocessor_count(device)
 
 
 def _num_partials(batch: int, m: int, n: int, device: torch.device) -> int:
@@ -89,8 +147,11 @@ def _num_partials(batch: int, m: int, n: int, device: torch.device) -> int:
     return min(triton.next_power_of_2(per_matrix), triton.next_power_of_2(tiles), _MAX_PARTIALS)
 
 
-def _launch_chunk(G, partials, x_buffers, gram, schedule, eps, config, upcast, normalized=False) -> None:
-    """The whole iteration for a stack G (batch, m, n) short enough for one grid; step i reads
+def _launch_chunk(
+    G, partials, x_buffers, gram, schedule, eps, config, upcast, normalized=False, update_config=None
+) -> None:
+    """The whole iteration for a stack G (batch, m, n) short enough for one grid (`config` for the
+    symmetric products, `update_config` for B·X, by default the same); step i reads
     x_buffers[i % 2] and writes the other, so the result lands in x_buffers[steps % 2]. With a
     normalized G already in the compute dtype and contiguous, step 0 reads G itself (never writes it):
     no copy pass into x_buffers[0]."""
@@ -117,26 +178,31 @@ def _launch_chunk(G, partials, x_buffers, gram, schedule, eps, config, upcast, n
     A, B = gram
     gram_tiles = triton.cdiv(size, config.block)
     triangle = gram_tiles * (gram_tiles + 1) // 2
-    update_tiles = triton.cdiv(m, config.block) * triton.cdiv(n, config.block)
-    launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    blocks = {"UPCAST": upcast, "BLOCK_K": config.block_k}
+    update_config = update_config or config
+    update_tiles = triton.cdiv(m, update_config.block) * triton.cdiv(n, update_config.block)
+
+    def launch(config: _Config) -> dict:
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        if config.max_registers is not None:
+            options["maxnreg"] = config.max_registers
+        return {"UPCAST": upcast, "BLOCK_K": config.block_k, **options}
     # Gram operands: X Xᵀ reads X's rows twice (P = X, Q = Xᵀ); XᵀX reads its columns (P = Xᵀ, Q = X).
     gram_strides = (1, n, n, 1) if tall else (n, 1, 1, n)
     for a, b, c in schedule.triples:
         kernels._symmetric_product_kernel[(triangle, batch)](
             x, x, A, A, size, max(m, n), x.stride(0), *gram_strides[:2], x.stride(0), *gram_strides[2:],
-            A.stride(0), 1.0, 0.0, HAS_ADDEND=False, BLOCK=config.block, **blocks, **launch,
+            A.stride(0), 1.0, 0.0, HAS_ADDEND=False, BLOCK=config.block, **launch(config),
         )
         # A·A with Q read row-major as A itself (A is symmetric).
         kernels._symmetric_product_kernel[(triangle, batch)](
             A, A, A, B, size, size, A.stride(0), size, 1, A.stride(0), size, 1,
-            B.stride(0), c, b, HAS_ADDEND=True, BLOCK=config.block, **blocks, **launch,
+            B.stride(0), c, b, HAS_ADDEND=True, BLOCK=config.block, **launch(config),
         )
         left, right = (x, B) if tall else (B, x)
         kernels._product_axpy_kernel[(update_tiles, batch)](
             left, right, x, x_next, m, n, size, left.stride(0), left.stride(1), 1, right.stride(0),
             right.stride(1), 1, x.stride(0), a,
-            BLOCK_M=config.block, BLOCK_N=config.block, GROUP_M=_GROUP_M, **blocks, **launch,
+            BLOCK_M=update_config.block, BLOCK_N=update_config.block, GROUP_M=_GROUP_M, **launch(update_config),
         )
         # G (when step 0 read it) is never a destination: the next step writes x_buffers[0].
         x, x_next = x_next, (x_buffers[0] if x is G else x)
@@ -160,7 +226,10 @@ def _newton_schulz(
         return torch.empty(shape, dtype=compute_dtype, device=device)
     stack = G.reshape(-1, m, n)  # a view for any layout whose leading dims flatten; strides are kept
     batch, size, steps = stack.shape[0], min(m, n), len(schedule.triples)
-    config = config or _config(size, compute_dtype)
+    gram_config, update_config = (
+        (config, config) if config
+        else _configs(batch, m, n, compute_dtype, _multiprocessor_count(device), _arch(device))
+    )
 
     def workspace(*dims: int, dtype: torch.dtype = compute_dtype) -> torch.Tensor:
         if poison:
@@ -177,7 +246,7 @@ def _newton_schulz(
             chunk = slice(start, min(batch, start + _MAX_BATCH_PER_LAUNCH))
             _launch_chunk(
                 stack[chunk], partials[chunk], tuple(x[chunk] if x is not None else None for x in x_buffers),
-                (gram[0, chunk], gram[1, chunk]), schedule, eps, config, upcast, normalized,
+                (gram[0, chunk], gram[1, chunk]), schedule, eps, gram_config, upcast, normalized, update_config,
             )
     return x_buffers[steps % 2].view(shape)
 
