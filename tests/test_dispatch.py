@@ -303,6 +303,7 @@ def meta_call(op: str, dtype: torch.dtype = torch.float32) -> tuple[tuple, dict]
     flat = [meta(7, dtype=dtype), meta(2, 5, dtype=dtype)]
     return {
         "newton_schulz": ((stack,), {"compute_dtype": torch.float32}),
+        "gram_newton_schulz": ((stack,), {"compute_dtype": torch.float32}),
         "muon_momentum_": ((meta(m, n, dtype=dtype), meta(m, n, dtype=dtype)), {}),
         "muon_momentum_stack_": ((matrices, [meta(m, n, dtype=dtype) for _ in range(P)], stack), {}),
         "muon_apply_": ((meta(m, n, dtype=dtype), meta(m, n, dtype=dtype), 0.1), {"weight_decay": 0.01}),
@@ -341,7 +342,7 @@ def test_gpu_predicates_take_meta_stand_ins_for_every_op(op, monkeypatch):
     assert ops.check_call(op, *args, device=cuda, **kwargs) == "cuda"
     assert ops.check_call(op, *args, backend="triton", device=cuda, **kwargs) == "triton"
     args, kwargs = meta_call(op, torch.float64)
-    if op == "newton_schulz":
+    if op in ("newton_schulz", "gram_newton_schulz"):
         kwargs["compute_dtype"] = torch.float64
     assert ops.check_call(op, *args, device=cuda, **kwargs) == "torch"  # neither kernel takes float64
 

@@ -13,7 +13,7 @@ can run (a GPU, or TRITON_INTERPRET=1 for CPU tensors).
 from __future__ import annotations
 
 from .._registry import KernelTable, PredicateTable
-from . import apply_stack, muon, muon_stack, newton_schulz, normuon, sophia  # noqa: F401 (they register)
+from . import apply_stack, gram_newton_schulz, muon, muon_stack, newton_schulz, normuon, sophia  # noqa: F401
 
 # Live views of the registered Triton kernels and predicates, for tests that call a launcher or
 # route the op through an instrumented one (tests/test_triton_*.py); new code reads fastoptim._registry.

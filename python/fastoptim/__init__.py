@@ -6,9 +6,10 @@ The ops (`fastoptim.ops`, re-exported here) are functional and autograd-free; ea
 
 from __future__ import annotations
 
-from . import backends, coefficients, ops, optim, reference
+from . import backends, coefficients, ns_methods, ops, optim, reference
 from .backends import BackendUnavailableError
 from .ops import (
+    gram_newton_schulz,
     hessian_ema_,
     muon_apply_,
     muon_apply_stack_,
@@ -33,6 +34,7 @@ __all__ = [
     "SophiaH",
     "backends",
     "coefficients",
+    "gram_newton_schulz",
     "hessian_ema_",
     "muon_apply_",
     "muon_apply_stack_",
@@ -41,6 +43,7 @@ __all__ = [
     "newton_schulz",
     "normuon_step_",
     "normuon_step_stack_",
+    "ns_methods",
     "ops",
     "optim",
     "param_groups",

@@ -82,6 +82,72 @@ def newton_schulz(G, schedule, eps, compute_dtype, normalized=False) -> torch.Te
         G, schedule.flat(), schedule.safety, eps, compute_dtype, _use_symmetric(G, compute_dtype), normalized
     )
 
+def _gram_iterate(X: torch.Tensor, schedule, restarts: tuple[int, ...], symmetric: bool) -> torch.Tensor:
+    """Gram Newton–Schulz (`fastoptim.reference.gram_newton_schulz`) from a contiguous (batch, m, n) X₀
+    in the compute dtype: cuBLAS GEMMs through ATen, the a-terms in baddbmm's epilogue (P = aI + Z with
+    Z = cR² + bR is never formed; P Q = Z Q + aQ, R P = R Z + aR, P R P = Z (R P) + a (R P)), and with
+    `symmetric` the upper-triangle kernel for R = XXᵀ and Z (csrc/symmetric_gemm.cu). Tall matrices use
+    the transposed form through strides: R = XᵀX, X <- X Qᵀ. Without `symmetric` every call here is an
+    ATen op (it runs on CPU tensors too: the tests check the composition there)."""
+    batch, m, n = X.shape
+    tall, size = m > n, min(m, n)
+    R, Z, T, Q, Q_next = torch.empty((5, batch, size, size), dtype=X.dtype, device=X.device).unbind(0)
+    X_next = torch.empty_like(X)
+
+    def gram(x: torch.Tensor) -> None:
+        if symmetric:
+            _C.symmetric_gemm(x, R, None, tall, 1.0, 0.0)
+        elif tall:
+            torch.bmm(x.mT, x, out=R)
+        else:
+            torch.bmm(x, x.mT, out=R)
+
+    def apply(q: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
+        if tall:
+            torch.bmm(x, q.mT, out=out)
+        else:
+            torch.bmm(q, x, out=out)
+
+    gram(X)
+    fresh, last = True, len(schedule.triples)
+    for k, (a, b, c) in enumerate(schedule.triples, start=1):
+        if symmetric:
+            _C.symmetric_gemm(R, Z, R, False, c, b)  # R·Rᵀ = R² (R is symmetric)
+        else:
+            torch.baddbmm(R, R, R, beta=b, alpha=c, out=Z)
+        if k not in restarts and k < last:
+            torch.baddbmm(R, R, Z, beta=a, out=T)
+            torch.baddbmm(T, Z, T, beta=a, out=R)
+        if fresh:
+            Z.diagonal(dim1=-2, dim2=-1).add_(a)  # Q = P = Z + aI, in place
+            Q, Z = Z, Q
+        else:
+            torch.baddbmm(Q, Z, Q, beta=a, out=Q_next)
+            Q, Q_next = Q_next, Q
+        fresh = False
+        if k in restarts:
+            apply(Q, X, X_next)
+            X, X_next = X_next, X
+            gram(X)
+            fresh = True
+    apply(Q, X, X_next)
+    return X_next
+
+
+def _gram_newton_schulz_support(G, schedule, eps, compute_dtype, normalized=False, restarts=()) -> str | None:
+    return _newton_schulz_support(G, schedule, eps, compute_dtype, normalized)
+
+
+@register_kernel("gram_newton_schulz", "cuda", supports=_gram_newton_schulz_support)
+def gram_newton_schulz(G, schedule, eps, compute_dtype, normalized=False, restarts=()) -> torch.Tensor:
+    # The hand-written prologue alone (no steps): X₀ exactly as the standard driver computes it.
+    X = _C.newton_schulz(G, [], schedule.safety, eps, compute_dtype, False, normalized)
+    if X.numel() == 0 or not schedule.triples:
+        return X
+    m, n = X.shape[-2], X.shape[-1]
+    return _gram_iterate(X.view(-1, m, n), schedule, restarts, _use_symmetric(G, compute_dtype)).view(G.shape)
+
+
 
 # --------------------------------------------------------------------------------------------------
 # Muon

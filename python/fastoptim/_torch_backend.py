@@ -19,6 +19,14 @@ def newton_schulz(
     return reference.newton_schulz(G, None, schedule, eps, compute_dtype, normalized)
 
 
+@register_kernel("gram_newton_schulz", "torch")
+def gram_newton_schulz(
+    G: torch.Tensor, schedule: Schedule, eps: float, compute_dtype: torch.dtype, normalized: bool,
+    restarts: tuple[int, ...],
+) -> torch.Tensor:
+    return reference.gram_newton_schulz(G, None, schedule, eps, compute_dtype, normalized, restarts)
+
+
 @register_kernel("muon_momentum_", "torch")
 def muon_momentum_(
     buf: torch.Tensor, grad: torch.Tensor, nesterov_out: torch.Tensor | None, beta: float

@@ -25,7 +25,7 @@ from typing import List  # torch < 2.7 infers op schemas from typing.List only, 
 import torch
 from torch import Tensor
 
-from . import _registry, backends
+from . import _registry, backends, ns_methods
 from . import _validation as check
 from ._registry import Call, OpSpec
 from .coefficients import Schedule, resolve
@@ -152,7 +152,7 @@ def _newton_schulz_kernel_args(G, coefficients, safety, eps, compute_dtype, norm
     fake=_newton_schulz_fake,
     kernel_args=_newton_schulz_kernel_args,
 )
-def newton_schulz(
+def _standard_newton_schulz(
     G: Tensor,
     steps: int | None = None,
     coefficients: str | Sequence[Sequence[float]] | Schedule = "jordan",
@@ -161,6 +161,77 @@ def newton_schulz(
     backend: str = "auto",
     normalized: bool = False,
 ) -> Tensor:
+    """`newton_schulz` with method="standard" (the op fastoptim::newton_schulz)."""
+    check.tensor("G", G, min_ndim=2)
+    schedule = resolve(coefficients, steps)
+    eps = check.positive("eps", eps)  # eps = 0 would divide a zero matrix by zero
+    compute_dtype = check.compute_dtype("compute_dtype", compute_dtype)
+    normalized = check.boolean("normalized", normalized)
+    return Call((G, schedule.flat(), schedule.safety, eps, compute_dtype, normalized), backend)
+
+
+def _gram_newton_schulz_schema(
+    G: Tensor,
+    coefficients: List[float],
+    safety: float,
+    eps: float,
+    compute_dtype: torch.dtype,
+    normalized: bool,
+    restarts: List[int],
+    backend: str,
+) -> Tensor: ...
+
+
+def _gram_newton_schulz_fake(G, coefficients, safety, eps, compute_dtype, normalized, restarts, backend):
+    return G.new_empty(G.shape, dtype=compute_dtype)
+
+
+def _gram_newton_schulz_kernel_args(G, coefficients, safety, eps, compute_dtype, normalized, restarts) -> tuple:
+    return (G, Schedule.from_flat(coefficients, safety), eps, compute_dtype, normalized, tuple(restarts))
+
+
+@define(
+    "gram_newton_schulz",
+    schema=_gram_newton_schulz_schema,
+    device_arg="G",
+    fake=_gram_newton_schulz_fake,
+    kernel_args=_gram_newton_schulz_kernel_args,
+)
+def gram_newton_schulz(
+    G: Tensor,
+    steps: int | None = None,
+    coefficients: str | Sequence[Sequence[float]] | Schedule = "jordan",
+    eps: float = 1e-7,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    backend: str = "auto",
+    normalized: bool = False,
+    restarts: Sequence[int] | None = None,
+) -> Tensor:
+    """Gram Newton–Schulz: `newton_schulz`'s polynomial iterated on the s x s Gram matrix (s = min(m, n)),
+    restarting after the iterations in `restarts` (None: `fastoptim.ns_methods.default_restarts`; () for
+    none). See `fastoptim.reference.gram_newton_schulz` for the exact computation and
+    `fastoptim.ns_methods` for its FLOPs; the other arguments as in `newton_schulz`. Returns a new
+    (..., m, n) tensor in compute_dtype."""
+    check.tensor("G", G, min_ndim=2)
+    schedule = resolve(coefficients, steps)
+    restarts = ns_methods.check_restarts(restarts, len(schedule.triples))
+    eps = check.positive("eps", eps)  # eps = 0 would divide a zero matrix by zero
+    compute_dtype = check.compute_dtype("compute_dtype", compute_dtype)
+    normalized = check.boolean("normalized", normalized)
+    return Call((G, schedule.flat(), schedule.safety, eps, compute_dtype, normalized, list(restarts)), backend)
+
+
+def newton_schulz(
+    G: Tensor,
+    steps: int | None = None,
+    coefficients: str | Sequence[Sequence[float]] | Schedule = "jordan",
+    eps: float = 1e-7,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    backend: str = "auto",
+    normalized: bool = False,
+    method: str = "standard",
+    restarts: Sequence[int] | None = None,
+) -> Tensor:
     """Orthogonalize each matrix of G (..., m, n) by the quintic Newton–Schulz iteration.
 
     See `fastoptim.reference.newton_schulz` for the exact computation and
@@ -168,13 +239,24 @@ def newton_schulz(
     (a, b, c) triples; steps=None runs the schedule's own length). Returns a new (..., m, n) tensor
     in compute_dtype. normalized=True: G is already X₀ = G/(safety·‖G‖_F + eps) (as
     `muon_momentum_stack_(normalize=True)` writes it), so the normalization pass is skipped.
+
+    method: "standard" (the default: the iteration above, results unchanged from earlier versions),
+    "gram" (`gram_newton_schulz`: the same polynomial on the Gram matrix, with `restarts`; fewer FLOPs on
+    rectangular matrices, 41.5% fewer at 768 x 3072 with 5 steps, rounding differently in 16 bits) or
+    "auto" (gram where `fastoptim.ns_methods.choose_method` counts fewer FLOPs for this shape, else
+    standard). restarts: for gram only (None: the default restarts).
     """
-    check.tensor("G", G, min_ndim=2)
-    schedule = resolve(coefficients, steps)
-    eps = check.positive("eps", eps)  # eps = 0 would divide a zero matrix by zero
-    compute_dtype = check.compute_dtype("compute_dtype", compute_dtype)
-    normalized = check.boolean("normalized", normalized)
-    return Call((G, schedule.flat(), schedule.safety, eps, compute_dtype, normalized), backend)
+    method = ns_methods.check_method(method)
+    if method == "standard" and restarts is not None:
+        raise ValueError(f"restarts applies to method='gram' or 'auto' only, got restarts={restarts!r} with "
+                         "method='standard'")
+    if method == "auto":
+        check.tensor("G", G, min_ndim=2)
+        count = len(resolve(coefficients, steps).triples)
+        method = ns_methods.choose_method(G.shape[-2], G.shape[-1], count, ns_methods.check_restarts(restarts, count))
+    if method == "gram":
+        return gram_newton_schulz(G, steps, coefficients, eps, compute_dtype, backend, normalized, restarts)
+    return _standard_newton_schulz(G, steps, coefficients, eps, compute_dtype, backend, normalized)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -649,6 +731,7 @@ del _spec
 __all__ = [
     "check_call",
     "newton_schulz",
+    "gram_newton_schulz",
     "muon_momentum_",
     "muon_momentum_stack_",
     "muon_apply_",

@@ -25,6 +25,7 @@ import torch
 
 from ._validation import accumulate_dtype
 from .coefficients import Schedule, resolve
+from .ns_methods import default_restarts
 
 
 def newton_schulz(
@@ -98,6 +99,61 @@ def frobenius_normalized(U: torch.Tensor, safety: float, eps: float) -> torch.Te
     scaled = U * s
     frobenius = torch.linalg.matrix_norm(scaled, ord="fro", keepdim=True)
     return scaled / (frobenius * safety + eps * s)
+
+
+def gram_newton_schulz(
+    G: torch.Tensor,
+    steps: int | None = None,
+    coefficients: str | Sequence[Sequence[float]] | Schedule = "jordan",
+    eps: float = 1e-7,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    normalized: bool = False,
+    restarts: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """`newton_schulz`'s polynomial run on the Gram matrix: Gram Newton–Schulz (J. Zhang, N. Amsel,
+    B. Chen, T. Dao, 2026, github.com/Dao-AILab/gram-newton-schulz).
+
+        X = X₀                                  exactly newton_schulz's (steps=0: its normalization)
+        R = X Xᵀ;  Q = I                        (s x s, s = m <= n)
+        for k, (a, b, c) in enumerate(schedule, 1):
+            P = aI + bR + cR²                   newton_schulz's step is X <- P X
+            Q = P Q
+            if k in restarts:                   re-anchor on the matrix itself
+                X = Q X;  R = X Xᵀ;  Q = I
+            elif k < len(schedule):
+                R = P R P                       the Gram matrix of P X
+        return Q X
+
+    Every X_k = Q X and R = X_k X_kᵀ, so in exact arithmetic this is newton_schulz, with s x s products
+    in the loop and products with X only at restarts and at the end (`fastoptim.ns_methods`: the FLOP
+    count). In 16 bits R and Q drift from the X they stand for; the restarts bound the drift.
+    restarts: iterations after which to restart, None for `fastoptim.ns_methods.default_restarts`.
+    A tall matrix (m > n) runs the same on the view Xᵀ (R = XᵀX, n x n; no copy) and returns X Qᵀ.
+    Every matmul runs in compute_dtype. Returns a new (..., m, n) tensor of dtype compute_dtype.
+    """
+    schedule = resolve(coefficients, steps)
+    last = len(schedule.triples)
+    restarts = default_restarts(last) if restarts is None else tuple(restarts)
+    X = newton_schulz(G, 0, schedule, eps, compute_dtype, normalized)
+    if last == 0:
+        return X
+    tall = X.shape[-2] > X.shape[-1]
+    if tall:
+        X = X.mT
+    identity = torch.eye(X.shape[-2], dtype=compute_dtype, device=X.device)
+    R = X @ X.mT
+    Q = identity
+    for k, (a, b, c) in enumerate(schedule.triples, start=1):
+        P = a * identity + b * R + c * (R @ R)
+        Q = P @ Q
+        if k in restarts:
+            X = Q @ X
+            R = X @ X.mT
+            Q = identity
+        elif k < last:
+            R = P @ R @ P
+    X = Q @ X
+    return (X.mT if tall else X).contiguous()
 
 
 def muon_momentum_(buf: torch.Tensor, grad: torch.Tensor, beta: float, nesterov: bool) -> torch.Tensor:

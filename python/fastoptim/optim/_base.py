@@ -53,7 +53,7 @@ from torch.optim.adamw import adamw
 from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import _validation as check
-from .. import backends, distributed
+from .. import backends, distributed, ns_methods
 from .._geometry import MATRIX_VIEWS, SCALE_MODES, layer_form, matrix_form, reads_as_stack
 from ..coefficients import resolve
 from . import _engine
@@ -237,6 +237,7 @@ class MatrixOptimizer(CopyableOptimizer, torch.optim.Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any], process_group: Any = "auto") -> None:
         defaults.setdefault("matrix_view", "auto")
         defaults.setdefault("state_dtype", None)
+        defaults.setdefault("ns_method", "standard")
         check.boolean("skip_nonfinite", defaults.setdefault("skip_nonfinite", False))
         self._validate_matrix_hyper(defaults, "")
         self._validate_adamw_hyper({key: defaults[src] for key, src in _ADAMW_KEYS.items()}, "adamw_")
@@ -262,6 +263,7 @@ class MatrixOptimizer(CopyableOptimizer, torch.optim.Optimizer):
         check.non_negative_or_tensor(f"{where}weight_decay", group["weight_decay"], read_value=not at_step)
         resolve(group["coefficients"], group["ns_steps"])
         check.compute_dtype(f"{where}ns_dtype", group["ns_dtype"])
+        ns_methods.check_method(group.get("ns_method", "standard"), f"{where}ns_method")
         if group["scale_mode"] not in SCALE_MODES:
             raise ValueError(f"{where}scale_mode must be one of {SCALE_MODES}, got {group['scale_mode']!r}")
         check.boolean(f"{where}cautious_weight_decay", group["cautious_weight_decay"])

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from .. import distributed
+from .. import distributed, ns_methods
 from .._geometry import (
     Matrix,
     layer_form,
@@ -200,6 +200,7 @@ class Compute:
             compute_dtype=self.group["ns_dtype"],
             backend=self.group["backend"],
             normalized=normalized,
+            method=self.group.get("ns_method", "standard"),
         )
 
     def views(self, state: Any, units: Sequence[Unit]) -> BucketViews:
@@ -312,7 +313,9 @@ def precheck_backends(rule: MatrixRule, group: dict, plan: GroupPlan, state: Any
         device = bucket.device
         check_call("muon_momentum_stack_", bufs, grads, stack, group["momentum"], group["nesterov"],
                    group["backend"], normalize=True, safety=plan.schedule.safety, eps=NS_EPS, device=device)
-        check_call("newton_schulz", stack, coefficients=plan.schedule, eps=NS_EPS, compute_dtype=group["ns_dtype"],
+        ns_op = ns_methods.op_name(group.get("ns_method", "standard"), bucket.rows, bucket.cols,
+                                   len(plan.schedule.triples))
+        check_call(ns_op, stack, coefficients=plan.schedule, eps=NS_EPS, compute_dtype=group["ns_dtype"],
                    backend=group["backend"], normalized=True, device=device)
         if group["matrix_view"] == "transposed" and len(rule.row_state_keys) > 0:
             # Compute.apply's path: the rule's step on the (P, out, in) transpose into a direction, then

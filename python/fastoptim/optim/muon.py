@@ -38,6 +38,8 @@ class Muon(MatrixOptimizer):
     kernels —, "stack" or "flatten"), state_dtype (the momentum buffer's dtype; None: the parameter's.
     torch.bfloat16 halves the momentum memory of float32 parameters: 2 bytes per element instead of 4).
     lr and weight_decay may be 0-D tensors on the parameters' device (capturable, no recompiles).
+    ns_method: "standard" (default), "gram" or "auto", the `fastoptim.newton_schulz` method (Gram
+    Newton–Schulz: fewer FLOPs on rectangular matrices; "auto" decides per shape bucket).
     State per parameter: ``momentum_buffer``; per AdamW parameter: ``exp_avg``, ``exp_avg_sq``, ``step``.
 
     process_group: "auto" (default) splits the Newton–Schulz work of replicated (DDP) parameters over
@@ -68,6 +70,7 @@ class Muon(MatrixOptimizer):
         state_dtype: torch.dtype | None = None,
         skip_nonfinite: bool = False,
         process_group: Any = "auto",
+        ns_method: str = "standard",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -88,6 +91,7 @@ class Muon(MatrixOptimizer):
             matrix_view=matrix_view,
             state_dtype=state_dtype,
             skip_nonfinite=skip_nonfinite,
+            ns_method=ns_method,
         )
         super().__init__(params, defaults, process_group)
 

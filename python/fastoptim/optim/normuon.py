@@ -29,7 +29,7 @@ from ._base import MatrixOptimizer
 class NorMuon(MatrixOptimizer):
     """NorMuon for matrices, AdamW for the rest. Muon's arguments plus ``beta2`` and ``eps``
     (the row normalization's). State per matrix: ``momentum_buffer``, ``second_moment``.
-    ``process_group``: as for `Muon` (see `fastoptim.distributed`)."""
+    ``process_group`` and ``ns_method``: as for `Muon` (see `fastoptim.distributed`)."""
 
     _float32_state_keys = ("second_moment",)
     row_state_keys = ("second_moment",)
@@ -58,6 +58,7 @@ class NorMuon(MatrixOptimizer):
         beta2: float = 0.95,
         eps: float = 1e-10,
         process_group: Any = "auto",
+        ns_method: str = "standard",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -80,6 +81,7 @@ class NorMuon(MatrixOptimizer):
             skip_nonfinite=skip_nonfinite,
             beta2=beta2,
             eps=eps,
+            ns_method=ns_method,
         )
         super().__init__(params, defaults, process_group)
 
