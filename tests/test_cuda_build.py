@@ -59,8 +59,11 @@ def test_sdist_carries_every_source_file(tmp_path):
 # Kernels with a kPacked template flag (their last template argument): the packed variant reads 16-byte
 # vectors (SASS LDG.E.128), the scalar one (sizes or addresses that do not allow packs) never does.
 PACKED_KERNELS = ("normuon_row_stats_kernel", "normuon_apply_kernel", "normuon_stack_row_stats_kernel",
-                  "normuon_stack_apply_kernel", "muon_apply_stack_kernel")
-PACKED_SOURCES = ("normuon", "apply_stack")  # the .cu files that define them (only these are disassembled)
+                  "normuon_stack_apply_kernel", "muon_apply_stack_kernel", "muon_apply_kernel",
+                  "muon_momentum_kernel", "muon_momentum_stack_kernel", "sophia_step_kernel", "hessian_ema_kernel",
+                  "sum_squares_kernel", "scale_cast_kernel")
+# The .cu files that define them (only these are disassembled).
+PACKED_SOURCES = ("normuon", "apply_stack", "muon_apply", "momentum", "sophia", "ns_prologue")
 
 
 def _cuobjdump() -> str | None:
