@@ -82,6 +82,7 @@ def newton_schulz(G, schedule, eps, compute_dtype, normalized=False) -> torch.Te
         G, schedule.flat(), schedule.safety, eps, compute_dtype, _use_symmetric(G, compute_dtype), normalized
     )
 
+
 def _gram_iterate(X: torch.Tensor, schedule, restarts: tuple[int, ...], symmetric: bool) -> torch.Tensor:
     """Gram Newton–Schulz (`fastoptim.reference.gram_newton_schulz`) from a contiguous (batch, m, n) X₀
     in the compute dtype: cuBLAS GEMMs through ATen, the a-terms in baddbmm's epilogue (P = aI + Z with
@@ -146,7 +147,6 @@ def gram_newton_schulz(G, schedule, eps, compute_dtype, normalized=False, restar
         return X
     m, n = X.shape[-2], X.shape[-1]
     return _gram_iterate(X.view(-1, m, n), schedule, restarts, _use_symmetric(G, compute_dtype)).view(G.shape)
-
 
 
 # --------------------------------------------------------------------------------------------------
