@@ -9,17 +9,29 @@
 
 namespace fastoptim {
 
+// A launch's blocks: 2048, about four waves of a 132-SM GPU at four 512-thread blocks per SM (the 320 of a
+// 4 KB table filled only 60% of an H100 once, and a large list took several launches).
+// 4 pointer lists x 96 + 96 sizes + 2048 (tensor, chunk) pairs = 13.8 KB: kernel arguments up to 32764 bytes
+// (CUDA 12.1 and newer, Volta and newer GPUs); older toolkits keep the 4 KB table (24 tensors, 320 blocks).
+#if CUDART_VERSION >= 12010
+constexpr int kMaxTensors = 96;
+constexpr int kMaxBlocks = 2048;
+constexpr int kArgumentBytes = 32764;
+#else
 constexpr int kMaxTensors = 24;
 constexpr int kMaxBlocks = 320;
+constexpr int kArgumentBytes = 4096;
+#endif
 constexpr int64_t kChunk = 1 << 16;
 
-// 4 pointer lists x 24 + 24 sizes + 320 (tensor, chunk) pairs = 2.6 KB, under the 4 KB argument limit.
 struct TensorTable {
   void* ptr[4][kMaxTensors];
   int64_t numel[kMaxTensors];
   unsigned char block_tensor[kMaxBlocks];
   int block_chunk[kMaxBlocks];
 };
+static_assert(sizeof(TensorTable) + 256 <= kArgumentBytes, "kernel arguments over the limit");
+static_assert(kMaxTensors <= 256, "block_tensor is an unsigned char");
 
 // Fills tables tensor by tensor, chunk by chunk, and calls launch(table, blocks) whenever a table is full.
 template <typename Launch>

@@ -231,10 +231,10 @@ def test_momentum_stack_matches_torch(backend, shape, nesterov):
     check_momentum_stack(backend, [shape] * 3, *shape, [F32] * 3, [F32] * 3, F32, nesterov)
 
 
-# small: three matrices; wide (GPU): 30 matrices (more than one cuda table of 24 tensors) of 90000
+# small: three matrices; wide (GPU): 100 matrices (more than one cuda table of 96 tensors) of 90000
 # elements (two cuda chunks each), one of them a conv kernel. One grad is fp32: a second dtype group.
 STACK_BUCKETS = [pytest.param(([(33, 70)] * 3, 33, 70, 1), id="small"),
-                 pytest.param(([(300, 300)] * 29 + [(300, 3, 100)], 300, 300, 3), id="wide", marks=pytest.mark.large)]
+                 pytest.param(([(300, 300)] * 99 + [(300, 3, 100)], 300, 300, 3), id="wide", marks=pytest.mark.large)]
 
 
 @pytest.mark.parametrize("bucket_case", STACK_BUCKETS)

@@ -33,10 +33,10 @@ KERNELS = backend_params("triton", "cuda")
 
 LISTS = {
     "mixed": [(33, 70), (0,), (1,), (3, 5), (40000,), (3, 48, 80), (0, 7)],
-    # GPU sizes: more tensors than a cuda table holds, tensors larger than its blocks (320 x 65536), a
+    # GPU sizes: more tensors than a cuda table holds (96), tensors larger than its blocks (2048 x 65536), a
     # GPT-2 embedding.
     "many": [(1024, 4096), (0,), (1,), (7,), (4097,), (65536,), (65537,), (300_000,), (3, 48, 80), (50257, 768),
-             (768,), *[(1000 + i,) for i in range(30)], (320 * 65536 + 5,)],
+             (768,), *[(1000 + i,) for i in range(100)], (2048 * 65536 + 5,)],
 }
 LIST_PARAMS = [pytest.param("mixed", id="mixed"), pytest.param("many", id="many", marks=pytest.mark.large)]
 CHUNK_CROSSING = (40000,)  # three 16384-element chunks of the Triton tables: a size for the kernels
