@@ -199,6 +199,19 @@ def _newton_schulz_calls(ns) -> None:
     _call("newton_schulz (8192, 8192)", ns._newton_schulz, G, schedule, 1e-7, torch.bfloat16)
 
 
+def _gram_newton_schulz_calls(gram) -> None:
+    from fastoptim.coefficients import resolve
+
+    # Three steps with a restart after the first: every kernel of the Gram iteration (the s x s products,
+    # the diagonal a·I, the products with X) is launched; wide and tall, 16-bit and fp32, GPT-2's shape.
+    schedule = resolve("jordan", 3)
+    for compute_dtype in (torch.bfloat16, torch.float32):
+        for shape in [(4, 256, 768), (4, 768, 256), (768, 3072)]:
+            G = torch.empty(shape, device="meta")
+            _call(f"gram_newton_schulz {_name(compute_dtype)} {shape}", gram._gram_newton_schulz, G, schedule, 1e-7,
+                  compute_dtype, False, (1,))
+
+
 def _muon_calls(muon) -> None:
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
     calls = [(4096, first, second) for first in dtypes for second in dtypes]
@@ -316,7 +329,8 @@ def main() -> None:
     parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (default: 90 and 80)")
     parser.add_argument(
         "--only", action="append",
-        help="a family: newton_schulz, muon, muon_stack, normuon, sophia, apply_stack (default: all)",
+        help="a family: newton_schulz, gram_newton_schulz, muon, muon_stack, normuon, sophia, apply_stack "
+        "(default: all)",
     )
     options = parser.parse_args()
 
@@ -327,13 +341,22 @@ def main() -> None:
     JITFunction.run = _compile_instead_of_launch
 
     import fastoptim.triton_kernels as package
-    from fastoptim.triton_kernels import apply_stack, muon, muon_stack, newton_schulz, normuon, sophia
+    from fastoptim.triton_kernels import (
+        apply_stack,
+        gram_newton_schulz,
+        muon,
+        muon_stack,
+        newton_schulz,
+        normuon,
+        sophia,
+    )
 
     newton_schulz._target_programs = lambda device: newton_schulz._REDUCTION_PROGRAMS_PER_SM * H100_SMS
     newton_schulz._multiprocessor_count = lambda device: H100_SMS  # the small-grid rule's SM count
     newton_schulz._arch = lambda device: _DRIVER.target.arch  # the register cap is for sm_90
     families = {
         "newton_schulz": lambda: _newton_schulz_calls(newton_schulz),
+        "gram_newton_schulz": lambda: _gram_newton_schulz_calls(gram_newton_schulz),
         "muon": lambda: _muon_calls(muon),
         "muon_stack": lambda: _muon_stack_calls(muon_stack),
         "normuon": lambda: _normuon_calls(normuon),
