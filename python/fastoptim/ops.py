@@ -162,12 +162,20 @@ def _standard_newton_schulz(
     normalized: bool = False,
 ) -> Tensor:
     """`newton_schulz` with method="standard" (the op fastoptim::newton_schulz)."""
+    schedule, eps, compute_dtype, normalized = _newton_schulz_arguments(
+        G, steps, coefficients, eps, compute_dtype, normalized
+    )
+    return Call((G, schedule.flat(), schedule.safety, eps, compute_dtype, normalized), backend)
+
+
+def _newton_schulz_arguments(G, steps, coefficients, eps, compute_dtype, normalized) -> tuple:
+    """The checks both Newton–Schulz ops make: (schedule, eps, compute_dtype, normalized), validated."""
     check.tensor("G", G, min_ndim=2)
     schedule = resolve(coefficients, steps)
     eps = check.positive("eps", eps)  # eps = 0 would divide a zero matrix by zero
     compute_dtype = check.compute_dtype("compute_dtype", compute_dtype)
     normalized = check.boolean("normalized", normalized)
-    return Call((G, schedule.flat(), schedule.safety, eps, compute_dtype, normalized), backend)
+    return schedule, eps, compute_dtype, normalized
 
 
 def _gram_newton_schulz_schema(
@@ -212,12 +220,10 @@ def gram_newton_schulz(
     none). See `fastoptim.reference.gram_newton_schulz` for the exact computation and
     `fastoptim.ns_methods` for its FLOPs; the other arguments as in `newton_schulz`. Returns a new
     (..., m, n) tensor in compute_dtype."""
-    check.tensor("G", G, min_ndim=2)
-    schedule = resolve(coefficients, steps)
+    schedule, eps, compute_dtype, normalized = _newton_schulz_arguments(
+        G, steps, coefficients, eps, compute_dtype, normalized
+    )
     restarts = ns_methods.check_restarts(restarts, len(schedule.triples))
-    eps = check.positive("eps", eps)  # eps = 0 would divide a zero matrix by zero
-    compute_dtype = check.compute_dtype("compute_dtype", compute_dtype)
-    normalized = check.boolean("normalized", normalized)
     return Call((G, schedule.flat(), schedule.safety, eps, compute_dtype, normalized, list(restarts)), backend)
 
 
