@@ -260,6 +260,18 @@ def test_work_is_balanced_by_flops_not_by_count():
     assert assign_work([(3, 10), (0, 5)], 4) == [[0, 1, 2], []]
 
 
+def test_gram_groups_are_balanced_by_gram_flops():
+    """The owners of a gram (or auto) group are balanced by the FLOPs that group runs: Gram's, as full
+    GEMMs, with its restarts; a square bucket under "auto" keeps the standard count."""
+    from fastoptim import ns_methods
+
+    assert newton_schulz_flops(768, 3072, 5, "gram") == ns_methods.flops(768, 3072, 5, "gram", symmetric=False)
+    assert newton_schulz_flops(768, 3072, 5, "gram") == 60 * 768**3 < newton_schulz_flops(768, 3072, 5) == 90 * 768**3
+    assert newton_schulz_flops(768, 3072, 5, "gram", ()) < newton_schulz_flops(768, 3072, 5, "gram", (1, 2, 3, 4))
+    assert newton_schulz_flops(512, 512, 5, "auto") == newton_schulz_flops(512, 512, 5, "standard")
+    assert newton_schulz_flops(768, 3072, 5, "auto") == newton_schulz_flops(768, 3072, 5, "gram")
+
+
 def test_single_process_needs_no_process_group():
     assert not torch.distributed.is_initialized()
     model = worker.Net()

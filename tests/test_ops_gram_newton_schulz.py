@@ -564,3 +564,60 @@ def test_optimizer_refuses_a_bad_ns_method_naming_it():
         fastoptim.Muon(_model().parameters(), ns_method="fast")
     with pytest.raises(ValueError, match="ns_method must be one of"):
         fastoptim.NorMuon([{"params": list(_model().parameters()), "ns_method": "polar"}])
+
+
+def test_optimizer_ns_restarts_reach_the_op(monkeypatch):
+    """ns_restarts goes to every gram call as given (None: the op's default); the standard buckets of
+    "auto" get none."""
+    seen = []
+    original = ops.gram_newton_schulz
+    monkeypatch.setattr(ops, "gram_newton_schulz",
+                        lambda G, *args, **kwargs: seen.append(args[-1]) or original(G, *args, **kwargs))
+    _steps(fastoptim.Muon, "gram", torch.float32, steps=1, ns_restarts=[1, 3])
+    assert seen == [(1, 3)] * 3
+    seen.clear()
+    _steps(fastoptim.NorMuon, "auto", torch.float32, steps=1, ns_restarts=())
+    assert seen == [()] * 2  # the two rectangular buckets; the square one runs the standard method
+    seen.clear()
+    _steps(fastoptim.Muon, "gram", torch.float32, steps=1)
+    assert seen == [None] * 3
+
+
+@pytest.mark.parametrize("optimizer_class", [fastoptim.Muon, fastoptim.NorMuon], ids=["muon", "normuon"])
+def test_optimizer_ns_restarts_change_the_16_bit_result_not_the_exact_one(optimizer_class):
+    """In float64 the restarts change nothing (the same polynomial); in bfloat16 they change the rounding,
+    so the option really arrives (a run without restarts differs from the default one)."""
+    exact, _ = _steps(optimizer_class, "gram", torch.float64, steps=2)
+    none, _ = _steps(optimizer_class, "gram", torch.float64, steps=2, ns_restarts=())
+    for a, b in zip(exact, none):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    default, _ = _steps(optimizer_class, "gram", torch.bfloat16, steps=2)
+    none, optimizer = _steps(optimizer_class, "gram", torch.bfloat16, steps=2, ns_restarts=())
+    assert any(not torch.equal(a, b) for a, b in zip(default, none) if a.dim() == 2)
+    assert all(group["ns_restarts"] == () for group in optimizer.param_groups)
+    saved = optimizer.state_dict()
+    fresh = optimizer_class(_model().parameters(), ns_method="gram")
+    fresh.load_state_dict(saved)
+    assert all(group["ns_restarts"] == () for group in fresh.param_groups)
+
+
+def test_optimizer_refuses_bad_ns_restarts_naming_them():
+    params = list(_model().parameters())
+    with pytest.raises(ValueError, match="ns_restarts applies to ns_method='gram' or 'auto' only"):
+        fastoptim.Muon(params, ns_restarts=[2])
+    with pytest.raises(ValueError, match=r"ns_restarts must hold integers r with 1 <= r < steps = 5"):
+        fastoptim.NorMuon(params, ns_method="gram", ns_restarts=[5])
+    with pytest.raises(ValueError, match="ns_restarts must be strictly increasing"):
+        fastoptim.Muon([{"params": params, "ns_method": "auto", "ns_restarts": [3, 2]}])
+    with pytest.raises(ValueError, match="ns_restarts must be None or a sequence"):
+        fastoptim.Muon(params, ns_method="gram", ns_restarts=2)
+    # Checked against the group's own step count, and again at step time (before anything changes).
+    fastoptim.Muon(params, ns_method="gram", ns_steps=8, ns_restarts=[2, 4, 6])
+    optimizer = fastoptim.Muon(params, ns_method="gram", ns_restarts=[2], backend="torch")
+    optimizer.param_groups[0]["ns_method"] = "standard"
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="ns_restarts applies to"):
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, params))

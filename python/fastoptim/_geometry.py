@@ -32,6 +32,8 @@ from typing import NamedTuple
 
 from torch import Tensor
 
+from . import ns_methods
+
 SCALE_MODES = ("original", "match_rms_adamw", "spectral")
 MATRIX_VIEWS = ("auto", "stack", "flatten", "transposed")
 
@@ -128,11 +130,13 @@ def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(index))
 
 
-def newton_schulz_flops(m: int, n: int, steps: int) -> int:
-    """FLOPs of Newton–Schulz on one (m, n) matrix: per iteration, with s = min(m, n) and l = max(m, n),
-    the Gram matrix (2s²l), the polynomial in it (2s³) and the product with X (2s²l)."""
-    s, big = sorted((m, n))
-    return steps * (4 * s * s * big + 2 * s**3)
+def newton_schulz_flops(
+    m: int, n: int, steps: int, method: str = "standard", restarts: Sequence[int] | None = None
+) -> int:
+    """FLOPs of Newton–Schulz on one (m, n) matrix with `method` (and Gram's `restarts`), every product a full
+    GEMM: standard, per iteration with s = min(m, n) and l = max(m, n), the Gram matrix (2s²l), the
+    polynomial in it (2s³) and the product with X (2s²l); gram as `fastoptim.ns_methods.flops`."""
+    return ns_methods.gemm_flops(m, n, steps, method, restarts)
 
 
 def assign_work(buckets: Sequence[tuple[int, int]], world: int) -> list[list[int]]:

@@ -108,6 +108,11 @@ def transport_dtype(ns_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if ns_dtype == torch.float16 else ns_dtype
 
 
+def _ns_options(group: dict) -> tuple[str, Any]:
+    """A matrix group's Newton–Schulz (method, restarts), for the FLOP count that balances the owners."""
+    return group.get("ns_method", "standard"), group.get("ns_restarts")
+
+
 def is_dtensor(t: object) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
@@ -412,7 +417,8 @@ class ShardedLayout:
         split_sizes = group.get("split_sizes")
         costs = []
         for (m, n, *_), indices in buckets:
-            flops = sum(newton_schulz_flops(r1 - r0, n, steps) for r0, r1 in row_blocks(split_sizes, m))
+            blocks = row_blocks(split_sizes, m)
+            flops = sum(newton_schulz_flops(r1 - r0, n, steps, *_ns_options(group)) for r0, r1 in blocks)
             costs.append((len(indices), flops))
         layout = tuple(
             (m, n, str(dtype), count, flops) for ((m, n, dtype, _), _), (count, flops) in zip(buckets, costs)
@@ -580,7 +586,8 @@ class GatheredLayout:
         process_group = mesh_group(mesh)
         world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
         steps = len(compute.schedule.triples)
-        costs = [(len(indices), newton_schulz_flops(m, n, steps)) for (m, n, *_), indices in buckets]
+        options = _ns_options(group)
+        costs = [(len(indices), newton_schulz_flops(m, n, steps, *options)) for (m, n, *_), indices in buckets]
         layout = tuple(
             (m, n, str(dtype), str(placements), count, flops)
             for ((m, n, dtype, _, placements), _), (count, flops) in zip(buckets, costs)

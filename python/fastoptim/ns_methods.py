@@ -113,12 +113,43 @@ def flops(
     return total + 2 * s * s * l
 
 
-def op_name(method: str, m: int, n: int, steps: int) -> str:
+def resolve_method(method: str, m: int, n: int, steps: int, restarts: Sequence[int] | None = None) -> str:
+    """The method `fastoptim.ops.newton_schulz(..., method=method)` runs on m x n matrices: "standard" or
+    "gram" ("auto" decided by `choose_method`)."""
+    if check_method(method) == "auto":
+        return choose_method(m, n, steps, restarts)
+    return method
+
+
+def op_name(method: str, m: int, n: int, steps: int, restarts: Sequence[int] | None = None) -> str:
     """The op that `fastoptim.ops.newton_schulz(..., method=method)` runs on m x n matrices (for
     `fastoptim.ops.check_call`): "newton_schulz" or "gram_newton_schulz"."""
-    if check_method(method) == "auto":
-        method = choose_method(m, n, steps)
-    return "gram_newton_schulz" if method == "gram" else "newton_schulz"
+    return "gram_newton_schulz" if resolve_method(method, m, n, steps, restarts) == "gram" else "newton_schulz"
+
+
+def gemm_flops(m: int, n: int, steps: int, method: str = "standard", restarts: Sequence[int] | None = None) -> int:
+    """FLOPs of Newton–Schulz on one m x n matrix with `method` ("auto" resolved for this shape), every
+    product counted as a full GEMM (``flops(..., symmetric=False)``): the cost the distributed layouts
+    balance over ranks (`fastoptim._geometry.assign_work`)."""
+    method = resolve_method(method, m, n, steps, restarts)
+    return flops(m, n, steps, method, restarts if method == "gram" else None, symmetric=False)
+
+
+def check_options(
+    method: object, restarts: object, steps: int, where: str = "ns_"
+) -> tuple[str, tuple[int, ...] | None]:
+    """An optimizer group's ``{where}method`` and ``{where}restarts``, checked: (method, restarts), with
+    restarts None (the default restarts) or a tuple. restarts other than None needs method "gram" or "auto"
+    (the standard method never restarts); ValueError naming the argument otherwise."""
+    method = check_method(method, f"{where}method")
+    if restarts is None:
+        return method, None
+    if method == "standard":
+        raise ValueError(
+            f"{where}restarts applies to {where}method='gram' or 'auto' only, got {where}restarts={restarts!r} "
+            f"with {where}method='standard'"
+        )
+    return method, check_restarts(restarts, steps, f"{where}restarts")
 
 
 def choose_method(m: int, n: int, steps: int, restarts: Sequence[int] | None = None) -> str:

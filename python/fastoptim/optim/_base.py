@@ -238,6 +238,7 @@ class MatrixOptimizer(CopyableOptimizer, torch.optim.Optimizer):
         defaults.setdefault("matrix_view", "auto")
         defaults.setdefault("state_dtype", None)
         defaults.setdefault("ns_method", "standard")
+        defaults.setdefault("ns_restarts", None)
         check.boolean("skip_nonfinite", defaults.setdefault("skip_nonfinite", False))
         self._validate_matrix_hyper(defaults, "")
         self._validate_adamw_hyper({key: defaults[src] for key, src in _ADAMW_KEYS.items()}, "adamw_")
@@ -261,9 +262,12 @@ class MatrixOptimizer(CopyableOptimizer, torch.optim.Optimizer):
         check.beta(f"{where}momentum", group["momentum"])
         check.boolean(f"{where}nesterov", group["nesterov"])
         check.non_negative_or_tensor(f"{where}weight_decay", group["weight_decay"], read_value=not at_step)
-        resolve(group["coefficients"], group["ns_steps"])
+        schedule = resolve(group["coefficients"], group["ns_steps"])
         check.compute_dtype(f"{where}ns_dtype", group["ns_dtype"])
-        ns_methods.check_method(group.get("ns_method", "standard"), f"{where}ns_method")
+        _, restarts = ns_methods.check_options(group.get("ns_method", "standard"), group.get("ns_restarts"),
+                                               len(schedule.triples), f"{where}ns_")
+        if restarts is not None:
+            group["ns_restarts"] = restarts  # a tuple: the checked copy, not the caller's (mutable) list
         if group["scale_mode"] not in SCALE_MODES:
             raise ValueError(f"{where}scale_mode must be one of {SCALE_MODES}, got {group['scale_mode']!r}")
         check.boolean(f"{where}cautious_weight_decay", group["cautious_weight_decay"])

@@ -126,7 +126,8 @@ def bucket_units(
     return [
         Bucket(rows, cols, dtype, device,
                shape_scale(group["scale_mode"], *((cols, rows) if transposed else (rows, cols))),
-               newton_schulz_flops(rows, cols, steps), units)
+               newton_schulz_flops(rows, cols, steps, group.get("ns_method", "standard"), group.get("ns_restarts")),
+               units)
         for (rows, cols, dtype, device), units in found.items()
     ]
 
@@ -201,7 +202,13 @@ class Compute:
             backend=self.group["backend"],
             normalized=normalized,
             method=self.group.get("ns_method", "standard"),
+            restarts=self._restarts(),
         )
+
+    def _restarts(self):
+        """Gram's restarts for `newton_schulz`: the group's ns_restarts (None: the default ones); always None
+        for the standard method, which takes none."""
+        return None if self.group.get("ns_method", "standard") == "standard" else self.group.get("ns_restarts")
 
     def views(self, state: Any, units: Sequence[Unit]) -> BucketViews:
         return views(self.group, state, units, self.rule.row_state_keys)
@@ -313,10 +320,12 @@ def precheck_backends(rule: MatrixRule, group: dict, plan: GroupPlan, state: Any
         device = bucket.device
         check_call("muon_momentum_stack_", bufs, grads, stack, group["momentum"], group["nesterov"],
                    group["backend"], normalize=True, safety=plan.schedule.safety, eps=NS_EPS, device=device)
+        restarts = group.get("ns_restarts")
         ns_op = ns_methods.op_name(group.get("ns_method", "standard"), bucket.rows, bucket.cols,
-                                   len(plan.schedule.triples))
+                                   len(plan.schedule.triples), restarts)
+        gram = {"restarts": restarts} if ns_op == "gram_newton_schulz" else {}
         check_call(ns_op, stack, coefficients=plan.schedule, eps=NS_EPS, compute_dtype=group["ns_dtype"],
-                   backend=group["backend"], normalized=True, device=device)
+                   backend=group["backend"], normalized=True, device=device, **gram)
         if group["matrix_view"] == "transposed" and len(rule.row_state_keys) > 0:
             # Compute.apply's path: the rule's step on the (P, out, in) transpose into a direction, then
             # muon_apply_stack_ of the direction on the stored (in, out) parameters.

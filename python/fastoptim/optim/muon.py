@@ -39,7 +39,9 @@ class Muon(MatrixOptimizer):
     torch.bfloat16 halves the momentum memory of float32 parameters: 2 bytes per element instead of 4).
     lr and weight_decay may be 0-D tensors on the parameters' device (capturable, no recompiles).
     ns_method: "standard" (default), "gram" or "auto", the `fastoptim.newton_schulz` method (Gram
-    Newton–Schulz: fewer FLOPs on rectangular matrices; "auto" decides per shape bucket).
+    Newton–Schulz: fewer FLOPs on rectangular matrices; "auto" decides per shape bucket). ns_restarts: Gram's
+    restart iterations (None: `fastoptim.ns_methods.default_restarts`; () for none; a ValueError with
+    ns_method="standard", which never restarts).
     State per parameter: ``momentum_buffer``; per AdamW parameter: ``exp_avg``, ``exp_avg_sq``, ``step``.
 
     process_group: "auto" (default) splits the Newton–Schulz work of replicated (DDP) parameters over
@@ -71,6 +73,7 @@ class Muon(MatrixOptimizer):
         skip_nonfinite: bool = False,
         process_group: Any = "auto",
         ns_method: str = "standard",
+        ns_restarts: Sequence[int] | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -92,6 +95,7 @@ class Muon(MatrixOptimizer):
             state_dtype=state_dtype,
             skip_nonfinite=skip_nonfinite,
             ns_method=ns_method,
+            ns_restarts=ns_restarts,
         )
         super().__init__(params, defaults, process_group)
 

@@ -29,7 +29,7 @@ from ._base import MatrixOptimizer
 class NorMuon(MatrixOptimizer):
     """NorMuon for matrices, AdamW for the rest. Muon's arguments plus ``beta2`` and ``eps``
     (the row normalization's). State per matrix: ``momentum_buffer``, ``second_moment``.
-    ``process_group`` and ``ns_method``: as for `Muon` (see `fastoptim.distributed`)."""
+    ``process_group``, ``ns_method`` and ``ns_restarts``: as for `Muon` (see `fastoptim.distributed`)."""
 
     _float32_state_keys = ("second_moment",)
     row_state_keys = ("second_moment",)
@@ -59,6 +59,7 @@ class NorMuon(MatrixOptimizer):
         eps: float = 1e-10,
         process_group: Any = "auto",
         ns_method: str = "standard",
+        ns_restarts: Sequence[int] | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -82,6 +83,7 @@ class NorMuon(MatrixOptimizer):
             beta2=beta2,
             eps=eps,
             ns_method=ns_method,
+            ns_restarts=ns_restarts,
         )
         super().__init__(params, defaults, process_group)
 
