@@ -8,6 +8,9 @@ TORCH_CUDA_ARCH_LIST  architectures to compile for (default "8.0;9.0": Ampere an
 MAX_JOBS              parallel compile jobs for ninja (default: capped by cores and memory).
 CUDA_HOME             the CUDA toolkit; when unset, /usr/local/cuda is preferred over guessing from
                       `nvcc` on PATH (which may be a wrapper script in /usr/local/bin).
+FASTOPTIM_CUBLASLT    auto (default): link cuBLASLt (the Newton–Schulz drivers' GEMMs with a separate addend)
+                      when its header and library are found, in torch's nvidia wheels first, then CUDA_HOME;
+                      1: fail loudly when they are not; 0: build without it (ATen's bmm/baddbmm instead).
 """
 
 from __future__ import annotations
@@ -60,6 +63,19 @@ def _find_cuda_home() -> str | None:
     return None
 
 
+def _find_cublaslt(torch_dir: str, cuda_home: str) -> tuple[str, str] | None:
+    """(include dir, library file) of cuBLASLt, from one place: the nvidia wheels next to torch (the library
+    torch itself loads), else CUDA_HOME. None when neither has both."""
+    site = os.path.dirname(torch_dir)
+    places = [os.path.join(site, "nvidia", sub) for sub in ("cu13", "cublas", "cu12")] + [cuda_home]
+    for place in places:
+        header = os.path.join(place, "include", "cublasLt.h")
+        libs = sorted(lib for sub in ("lib", "lib64") for lib in glob.glob(os.path.join(place, sub, "libcublasLt.so*")))
+        if os.path.exists(header) and libs:
+            return os.path.dirname(header), libs[0]
+    return None
+
+
 def _default_max_jobs() -> str:
     cores = os.cpu_count() or 1
     try:
@@ -101,18 +117,37 @@ def _extension_modules():
         f"building fastoptim._C with CUDA_HOME={cuda_home}, "
         f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}, MAX_JOBS={os.environ['MAX_JOBS']}"
     )
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    lt_flags, link_args = [], []
+    lt_mode = os.environ.get("FASTOPTIM_CUBLASLT", "auto").strip().lower()
+    if lt_mode not in ("auto", "0", "1"):
+        raise SystemExit(f"FASTOPTIM_CUBLASLT must be auto, 0 or 1, got {lt_mode!r}")
+    lt = _find_cublaslt(os.path.dirname(torch.__file__), cuda_home) if lt_mode != "0" else None
+    if lt is not None:
+        # Only csrc/gemm_lt.cu includes cublasLt.h. Its folder (an nvidia wheel's include/) also holds
+        # cuda_runtime.h and the other toolkit headers of that wheel's CUDA: -isystem, searched after every -I
+        # (CUDA_HOME/include among them), keeps nvcc's own toolkit headers first. The library by its path: the
+        # link records its soname (libcublasLt.so.13), which the loader matches to the copy torch has loaded.
+        lt_flags += ["-DFASTOPTIM_HAVE_CUBLASLT", "-isystem", lt[0]]
+        link_args.append(lt[1])
+        _log(f"linking cuBLASLt: {lt[1]} (header in {lt[0]})")
+    elif lt_mode == "1":
+        raise SystemExit("FASTOPTIM_CUBLASLT=1 but no cublasLt.h with a libcublasLt.so beside it was found")
+    else:
+        _log("building without cuBLASLt (not found or FASTOPTIM_CUBLASLT=0): the NS drivers use ATen's GEMMs")
     sources = sorted(
         os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*.cu"))
     ) + ["csrc/bindings.cpp"]
     ext = CUDAExtension(
         name="fastoptim._C",
         sources=sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
+        include_dirs=include_dirs,
         extra_compile_args={
             # Only bindings.cpp sees it (the .cu files take no torch headers): fastoptim._C.TORCH_VERSION.
             "cxx": ["-O3", f"-DFASTOPTIM_TORCH_VERSION={torch.__version__}"],
-            "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
+            "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr", *lt_flags],
         },
+        extra_link_args=link_args,
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

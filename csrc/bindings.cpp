@@ -457,16 +457,113 @@ void symmetric_gemm(const at::Tensor& x, at::Tensor out, std::optional<at::Tenso
   }
 }
 
+// A (batch, rows, cols) operand as cuBLASLt reads it: rows contiguous (row-major, leading dimension = the
+// row stride) or columns contiguous (a transposed view of a row-major cols x rows buffer). Size-1
+// dimensions have arbitrary strides in torch: they are read as the packed value.
+struct Operand {
+  const void* data;
+  int64_t ld;
+  int64_t batch_stride;
+  bool transposed;
+};
+
+std::optional<Operand> as_operand(const at::Tensor& t) {
+  const int64_t rows = t.size(1), cols = t.size(2);
+  const int64_t batch_stride = t.size(0) > 1 ? t.stride(0) : 0;
+  if (cols == 1 || t.stride(2) == 1) {
+    const int64_t ld = rows > 1 ? t.stride(1) : std::max<int64_t>(cols, 1);
+    if (ld >= std::max<int64_t>(cols, 1)) return Operand{t.data_ptr(), ld, batch_stride, false};
+  }
+  if (rows == 1 || t.stride(1) == 1) {
+    const int64_t ld = cols > 1 ? t.stride(2) : std::max<int64_t>(rows, 1);
+    if (ld >= std::max<int64_t>(rows, 1)) return Operand{t.data_ptr(), ld, batch_stride, true};
+  }
+  return std::nullopt;
+}
+
+// out = alpha·p@q + beta·addend for (batch, M, K) @ (batch, K, N) -> (batch, M, N), all of one dtype on one
+// device: on cuBLASLt (csrc/gemm_lt.cu, addend and out separate: no copy) when use_lt and it takes the
+// problem, else through ATen (baddbmm_out copies the addend into out first). addend (nullopt when beta == 0)
+// must have out's layout for cuBLASLt; out must not overlap p or q. `workspace` is allocated on first use.
+// Returns whether cuBLASLt ran it.
+bool gemm_into(at::Tensor& out, const at::Tensor& p, const at::Tensor& q, double alpha, double beta,
+               const std::optional<at::Tensor>& addend, bool use_lt, at::Tensor& workspace) {
+  const bool add = addend.has_value() && beta != 0.0;
+  if (use_lt && fastoptim::lt_available()) {
+    const auto P = as_operand(p);
+    const auto Q = as_operand(q);
+    const auto D = as_operand(out);
+    const bool same_layout = !add || (addend->strides() == out.strides() && addend->sizes() == out.sizes());
+    if (P && Q && D && !D->transposed && same_layout) {
+      if (!workspace.defined()) {
+        workspace = at::empty({fastoptim::lt_workspace_bytes()}, out.options().dtype(at::kByte));
+      }
+      const auto result = fastoptim::lt_gemm(
+          to_dtype(out, "out"), out.size(0), out.size(1), out.size(2), p.size(2), P->data, P->ld, P->batch_stride,
+          P->transposed, Q->data, Q->ld, Q->batch_stride, Q->transposed, add ? addend->data_ptr() : nullptr,
+          out.data_ptr(), D->ld, D->batch_stride, static_cast<float>(alpha), static_cast<float>(add ? beta : 0.0),
+          at::globalContext().allowTF32CuBLAS(), workspace.numel() > 0 ? workspace.data_ptr() : nullptr,
+          workspace.numel(), current_stream());
+      TORCH_CHECK(result != fastoptim::LtResult::kFailed,
+                  "fastoptim cuBLASLt GEMM failed after its first batch chunk (batch ", out.size(0), ")");
+      if (result == fastoptim::LtResult::kDone) return true;
+    }
+  }
+  if (add) {
+    at::baddbmm_out(out, *addend, p, q, beta, alpha);
+  } else {
+    at::bmm_out(out, p, q);
+    if (alpha != 1.0) out.mul_(alpha);
+  }
+  return false;
+}
+
+// fastoptim._C.gemm_: gemm_into for Python callers (the Gram driver in _cuda_backend.py), with the checks.
+bool gemm_(at::Tensor out, const at::Tensor& p, const at::Tensor& q, double alpha, double beta,
+           std::optional<at::Tensor> addend, bool use_cublaslt) {
+  CHECK_CUDA(out);
+  CHECK_CUDA(p);
+  CHECK_CUDA(q);
+  CHECK_SAME_DEVICE(out, p);
+  CHECK_SAME_DEVICE(out, q);
+  TORCH_CHECK(out.dim() == 3 && p.dim() == 3 && q.dim() == 3, "out, p and q must be (batch, rows, cols), got ",
+              out.sizes(), ", ", p.sizes(), " and ", q.sizes());
+  TORCH_CHECK(p.size(0) == out.size(0) && q.size(0) == out.size(0) && p.size(1) == out.size(1) &&
+                  q.size(2) == out.size(2) && p.size(2) == q.size(1),
+              "p @ q must have out's shape: p (batch, M, K), q (batch, K, N), out (batch, M, N), got p ", p.sizes(),
+              ", q ", q.sizes(), ", out ", out.sizes());
+  TORCH_CHECK(p.scalar_type() == out.scalar_type() && q.scalar_type() == out.scalar_type(),
+              "p and q must have out's dtype ", out.scalar_type(), ", got ", p.scalar_type(), " and ", q.scalar_type());
+  to_dtype(out, "out");
+  if (addend.has_value()) {
+    CHECK_CUDA(*addend);
+    CHECK_SAME_DEVICE(out, *addend);
+    CHECK_SAME_SHAPE(*addend, out);
+    TORCH_CHECK(addend->scalar_type() == out.scalar_type(), "addend must have out's dtype ", out.scalar_type(),
+                ", got ", addend->scalar_type());
+  } else {
+    TORCH_CHECK(beta == 0.0, "beta must be 0 without an addend, got ", beta);
+  }
+  at::assert_no_overlap(out, p);
+  at::assert_no_overlap(out, q);
+  const c10::cuda::CUDAGuard guard(out.device());
+  at::Tensor workspace;
+  return gemm_into(out, p, q, alpha, beta, addend, use_cublaslt, workspace);
+}
+
 // The whole Newton–Schulz iteration of a stack in one call, without returning to Python between steps
 // (so the sequence is CUDA-graph capturable): the hand-written prologue (norm, scale, cast), then per
-// (a, b, c) three cuBLAS GEMMs through ATen whose epilogues carry the linear terms:
+// (a, b, c) three GEMMs whose epilogues carry the linear terms, on cuBLASLt with the addend and the output
+// in separate buffers (use_cublaslt; gemm_into: three launches per iteration, no copies), else through
+// ATen's bmm/baddbmm (whose beta != 0 form copies its addend into the output first):
 //   wide (m <= n): A = X Xᵀ;  B = b·A + c·A·A (baddbmm: beta=b, alpha=c);  X' = a·X + B·X (beta=a)
 //   tall (m > n):  A = XᵀX;   B = b·A + c·A·A;                              X' = a·X + X·B
-// Transposes are strides handed to cuBLAS, never copies. Workspaces (A, B and two X) are allocated once.
+// Transposes are strides handed to cuBLAS, never copies. Workspaces (A, B, two X and cuBLASLt's) are
+// allocated once.
 // use_symmetric (16-bit compute only): A and B come from the upper-triangle tensor-core kernel instead
 // of cuBLAS (half the FLOPs of those two products); the caller decides per shape from measured data.
 at::Tensor newton_schulz(const at::Tensor& G, const std::vector<double>& coefficients, double safety, double eps,
-                         at::ScalarType compute_dtype, bool use_symmetric, bool normalized) {
+                         at::ScalarType compute_dtype, bool use_symmetric, bool normalized, bool use_cublaslt) {
   CHECK_CUDA(G);
   TORCH_CHECK(G.dim() >= 2, "G must be (..., m, n), got shape ", G.sizes());
   TORCH_CHECK(coefficients.size() % 3 == 0, "coefficients must hold (a, b, c) triples, got ",
@@ -504,6 +601,7 @@ at::Tensor newton_schulz(const at::Tensor& G, const std::vector<double>& coeffic
     at::Tensor B = at::empty({batch, s, s}, X.options());
     at::Tensor next = at::empty({batch, m, n}, X.options());
     const bool symmetric = use_symmetric && compute_dtype != at::kFloat;
+    at::Tensor lt_workspace;  // cuBLASLt's, on first use
     for (size_t step = 0; step < steps; ++step) {
       const double a = coefficients[3 * step], b = coefficients[3 * step + 1], c = coefficients[3 * step + 2];
       if (symmetric) {
@@ -511,16 +609,16 @@ at::Tensor newton_schulz(const at::Tensor& G, const std::vector<double>& coeffic
         symmetric_gemm(A, B, A, /*transposed=*/false, /*alpha=*/c, /*beta=*/b);  // A·A = A·Aᵀ: A is symmetric
       } else {
         if (tall) {
-          at::bmm_out(A, X.transpose(1, 2), X);
+          gemm_into(A, X.transpose(1, 2), X, 1.0, 0.0, std::nullopt, use_cublaslt, lt_workspace);
         } else {
-          at::bmm_out(A, X, X.transpose(1, 2));
+          gemm_into(A, X, X.transpose(1, 2), 1.0, 0.0, std::nullopt, use_cublaslt, lt_workspace);
         }
-        at::baddbmm_out(B, A, A, A, /*beta=*/b, /*alpha=*/c);
+        gemm_into(B, A, A, /*alpha=*/c, /*beta=*/b, A, use_cublaslt, lt_workspace);
       }
       if (tall) {
-        at::baddbmm_out(next, X, X, B, /*beta=*/a, /*alpha=*/1.0);
+        gemm_into(next, X, B, /*alpha=*/1.0, /*beta=*/a, X, use_cublaslt, lt_workspace);
       } else {
-        at::baddbmm_out(next, X, B, X, /*beta=*/a, /*alpha=*/1.0);
+        gemm_into(next, B, X, /*alpha=*/1.0, /*beta=*/a, X, use_cublaslt, lt_workspace);
       }
       if (X.is_same(stack)) {  // step 0 read G: the next step writes a workspace of its own
         X = next;
@@ -579,7 +677,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("beta1"), py::arg("rho"), py::arg("weight_decay"), py::arg("eps"));
   m.def("newton_schulz", &newton_schulz, "the whole Newton–Schulz iteration of a stack (returns a new tensor)",
         py::arg("G"), py::arg("coefficients"), py::arg("safety"), py::arg("eps"), py::arg("compute_dtype"),
-        py::arg("use_symmetric") = false, py::arg("normalized") = false);
+        py::arg("use_symmetric") = false, py::arg("normalized") = false, py::arg("use_cublaslt") = true);
+  m.def("gemm_", &gemm_,
+        "out <- alpha * p @ q + beta * addend (batched; cuBLASLt with out and addend separate, else ATen); "
+        "returns whether cuBLASLt ran it",
+        py::arg("out"), py::arg("p"), py::arg("q"), py::arg("alpha"), py::arg("beta"), py::arg("addend"),
+        py::arg("use_cublaslt") = true);
+  // Whether this build links cuBLASLt (setup.py found its header and library): gemm_ and newton_schulz
+  // use it when asked; without it they run ATen's bmm/baddbmm.
+  m.attr("HAVE_CUBLASLT") = fastoptim::lt_available();
   m.def("symmetric_gemm", &symmetric_gemm, "out <- alpha * x x^T + beta * addend (upper-triangle tiles, mirrored)",
         py::arg("x"), py::arg("out"), py::arg("addend"), py::arg("transposed"), py::arg("alpha"), py::arg("beta"));
   m.def("hessian_ema_", &hessian_ema_, "multi-tensor h <- lerp(h, estimate, 1-beta2)", py::arg("hessians"),

@@ -133,3 +133,23 @@ cudaError_t launch_symmetric_gemm_fp32_out(const void* x, float* out, const floa
                                            float alpha, float beta, cudaStream_t stream);
 
 }  // namespace fastoptim
+
+namespace fastoptim {
+
+// D = alpha·op(P)·op(Q) + beta·C on cuBLASLt (csrc/gemm_lt.cu), row-major batches: op(P) is M x K (P stored
+// M x K, or K x M when trans_p), op(Q) is K x N (stored K x N, or N x K when trans_q); leading dimensions
+// (row strides) and batch strides in elements, last dimensions contiguous. C (nullable when beta == 0) has D's
+// layout and may be D; D must not overlap P or Q. dtype: all four. allow_tf32: float32 on TF32 tensor cores.
+// workspace (nullable): workspace_bytes of device memory, at most lt_workspace_bytes() used.
+// kDone: enqueued on `stream`. kDeclined: nothing written (no cuBLASLt in this build, no algorithm for the
+// problem, an error status before the launch): run a fallback. kFailed: a later batch chunk failed after the
+// first ran (D partly written): raise.
+enum class LtResult : int { kDone = 0, kDeclined = 1, kFailed = 2 };
+bool lt_available();
+int64_t lt_workspace_bytes();
+LtResult lt_gemm(DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K, const void* P, int64_t ld_p,
+                 int64_t stride_p, bool trans_p, const void* Q, int64_t ld_q, int64_t stride_q, bool trans_q,
+                 const void* C, void* D, int64_t ld_d, int64_t stride_d, float alpha, float beta, bool allow_tf32,
+                 void* workspace, int64_t workspace_bytes, cudaStream_t stream);
+
+}  // namespace fastoptim

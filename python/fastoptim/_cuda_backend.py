@@ -76,20 +76,42 @@ def _newton_schulz_support(G, schedule, eps, compute_dtype, normalized=False) ->
     return None
 
 
+def _use_cublaslt() -> bool:
+    """FASTOPTIM_NS_CUBLASLT=0 keeps the Newton–Schulz drivers on ATen's bmm/baddbmm (whose addend is copied
+    into the output first); unset or 1: cuBLASLt with the addend and the output apart where the build links
+    it (``_C.HAVE_CUBLASLT``). A problem cuBLASLt declines runs on ATen either way."""
+    return os.environ.get("FASTOPTIM_NS_CUBLASLT", "").strip() != "0"
+
+
 @register_kernel("newton_schulz", "cuda", supports=_newton_schulz_support)
 def newton_schulz(G, schedule, eps, compute_dtype, normalized=False) -> torch.Tensor:
     return _C.newton_schulz(
-        G, schedule.flat(), schedule.safety, eps, compute_dtype, _use_symmetric(G, compute_dtype), normalized
+        G, schedule.flat(), schedule.safety, eps, compute_dtype, _use_symmetric(G, compute_dtype), normalized,
+        _use_cublaslt(),
     )
+
+
+def _gemm(out: torch.Tensor, p: torch.Tensor, q: torch.Tensor, alpha: float = 1.0, beta: float = 0.0,
+          addend: torch.Tensor | None = None) -> None:
+    """out <- alpha·p@q + beta·addend (batched): ``_C.gemm_`` for CUDA tensors (cuBLASLt, no copy of the
+    addend), torch's bmm/baddbmm for others (the CPU tests of the composition)."""
+    if out.is_cuda:
+        _C.gemm_(out, p, q, alpha, beta, addend, _use_cublaslt())
+    elif addend is not None and beta != 0.0:
+        torch.baddbmm(addend, p, q, beta=beta, alpha=alpha, out=out)
+    else:
+        torch.bmm(p, q, out=out)
+        if alpha != 1.0:
+            out.mul_(alpha)
 
 
 def _gram_iterate(X: torch.Tensor, schedule, restarts: tuple[int, ...], symmetric: bool) -> torch.Tensor:
     """Gram Newton–Schulz (`fastoptim.reference.gram_newton_schulz`) from a contiguous (batch, m, n) X₀
-    in the compute dtype: cuBLAS GEMMs through ATen, the a-terms in baddbmm's epilogue (P = aI + Z with
-    Z = cR² + bR is never formed; P Q = Z Q + aQ, R P = R Z + aR, P R P = Z (R P) + a (R P)), and with
-    `symmetric` the upper-triangle kernel for R = XXᵀ and Z (csrc/symmetric_gemm.cu). Tall matrices use
-    the transposed form through strides: R = XᵀX, X <- X Qᵀ. Without `symmetric` every call here is an
-    ATen op (it runs on CPU tensors too: the tests check the composition there)."""
+    in the compute dtype: batched GEMMs (`_gemm`: cuBLASLt, the addend apart from the output), the a-terms
+    in the GEMM epilogue (P = aI + Z with Z = cR² + bR is never formed; P Q = Z Q + aQ, R P = R Z + aR,
+    P R P = Z (R P) + a (R P)), and with `symmetric` the upper-triangle kernel for R = XXᵀ and Z
+    (csrc/symmetric_gemm.cu). Tall matrices use the transposed form through strides: R = XᵀX, X <- X Qᵀ.
+    Without `symmetric` it runs on CPU tensors too (torch's GEMMs; the tests check the composition there)."""
     batch, m, n = X.shape
     tall, size = m > n, min(m, n)
     R, Z, T, Q, Q_next = torch.empty((5, batch, size, size), dtype=X.dtype, device=X.device).unbind(0)
@@ -99,15 +121,15 @@ def _gram_iterate(X: torch.Tensor, schedule, restarts: tuple[int, ...], symmetri
         if symmetric:
             _C.symmetric_gemm(x, R, None, tall, 1.0, 0.0)
         elif tall:
-            torch.bmm(x.mT, x, out=R)
+            _gemm(R, x.mT, x)
         else:
-            torch.bmm(x, x.mT, out=R)
+            _gemm(R, x, x.mT)
 
     def apply(q: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
         if tall:
-            torch.bmm(x, q.mT, out=out)
+            _gemm(out, x, q.mT)
         else:
-            torch.bmm(q, x, out=out)
+            _gemm(out, q, x)
 
     gram(X)
     fresh, last = True, len(schedule.triples)
@@ -115,15 +137,15 @@ def _gram_iterate(X: torch.Tensor, schedule, restarts: tuple[int, ...], symmetri
         if symmetric:
             _C.symmetric_gemm(R, Z, R, False, c, b)  # R·Rᵀ = R² (R is symmetric)
         else:
-            torch.baddbmm(R, R, R, beta=b, alpha=c, out=Z)
+            _gemm(Z, R, R, c, b, R)
         if k not in restarts and k < last:
-            torch.baddbmm(R, R, Z, beta=a, out=T)
-            torch.baddbmm(T, Z, T, beta=a, out=R)
+            _gemm(T, R, Z, 1.0, a, R)
+            _gemm(R, Z, T, 1.0, a, T)
         if fresh:
             Z.diagonal(dim1=-2, dim2=-1).add_(a)  # Q = P = Z + aI, in place
             Q, Z = Z, Q
         else:
-            torch.baddbmm(Q, Z, Q, beta=a, out=Q_next)
+            _gemm(Q_next, Z, Q, 1.0, a, Q)
             Q, Q_next = Q_next, Q
         fresh = False
         if k in restarts:
