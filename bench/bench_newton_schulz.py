@@ -35,6 +35,10 @@ def ids(shape):
 IMPLEMENTATIONS = [f"fastoptim-{name}" for name in backends_to_compare("newton_schulz")] + ["torch-loop"]
 if "fastoptim-cuda" in IMPLEMENTATIONS:
     IMPLEMENTATIONS.append("fastoptim-cuda-symmetric")  # the upper-triangle tensor-core kernel, forced
+    IMPLEMENTATIONS.append("fastoptim-cuda-aten")  # the driver on ATen's bmm/baddbmm (FASTOPTIM_NS_CUBLASLT=0)
+# Gram Newton–Schulz (method="gram") beside the standard method, on the rectangular shapes only (a square
+# matrix gains nothing: "auto" keeps it standard).
+GRAM_IMPLEMENTATIONS = [f"fastoptim-{name}-gram" for name in backends_to_compare("gram_newton_schulz")]
 TORCH_MUON_NS = torch_optim_muon_ns()
 if hasattr(torch.optim, "Muon"):
     IMPLEMENTATIONS.append("torch.optim.Muon")
@@ -52,8 +56,11 @@ def torch_optim_muon_steps(G: torch.Tensor):
 
 def make_call(impl: str, G: torch.Tensor):
     """The call to time on G, prepared here (outside the timed region)."""
-    if impl == "fastoptim-cuda-symmetric":
+    if impl in ("fastoptim-cuda-symmetric", "fastoptim-cuda-aten"):  # the switches: _driver_switches
         return lambda: fastoptim.newton_schulz(G, STEPS, compute_dtype=DTYPE, backend="cuda")
+    if impl.endswith("-gram"):
+        backend = impl.split("-")[1]
+        return lambda: fastoptim.newton_schulz(G, STEPS, compute_dtype=DTYPE, backend=backend, method="gram")
     if impl.startswith("fastoptim-"):
         backend = impl.split("-", 1)[1]
         return lambda: fastoptim.newton_schulz(G, STEPS, compute_dtype=DTYPE, backend=backend)
@@ -65,19 +72,25 @@ def make_call(impl: str, G: torch.Tensor):
 
 
 @pytest.fixture(autouse=True)
-def _symmetric_switch(request, monkeypatch):
+def _driver_switches(request, monkeypatch):
     impl = request.node.callspec.params.get("impl", "") if hasattr(request.node, "callspec") else ""
     if impl.startswith("fastoptim-cuda"):
         monkeypatch.setenv("FASTOPTIM_NS_SYMMETRIC", "1" if impl == "fastoptim-cuda-symmetric" else "0")
+        monkeypatch.setenv("FASTOPTIM_NS_CUBLASLT", "0" if impl == "fastoptim-cuda-aten" else "1")
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-@pytest.mark.parametrize("shape", SHAPES, ids=ids)
+CASES = [(shape, impl) for shape in SHAPES for impl in IMPLEMENTATIONS] + [
+    (shape, impl) for shape in SHAPES if shape[1] != shape[2] for impl in GRAM_IMPLEMENTATIONS
+]
+
+
+@pytest.mark.parametrize("shape,impl", CASES, ids=[f"{ids(shape)}-{impl}" for shape, impl in CASES])
 def test_newton_schulz(benchmark, ceilings, impl, shape):
     batch, m, n = shape
     calls = rotating(lambda: make_call(impl, torch.randn(batch, m, n, device=DEVICE, dtype=DTYPE)), batch * m * n * 2)
     benchmark.group = f"newton_schulz {ids(shape)} {STEPS} steps"
     benchmark(timed(lambda: next(calls)()))
+    # FLOPs: the standard method's dense count for every row (gram included), so TFLOP/s compare like time.
     record(benchmark, ceilings, flops=ns_flops(batch, m, n, STEPS), impl=impl, shape=ids(shape),
            **torch_muon_path(impl))
 

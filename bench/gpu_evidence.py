@@ -80,14 +80,14 @@ MARGIN_S = 10  # for the final write
 
 GPU = {
     "marks": "cuda or triton",
-    "ns_shapes": ("1x4096x4096", "1x8192x8192"),
+    "ns_shapes": ("1x4096x4096", "1x8192x8192", "12x768x3072"),
     "bench_options": ["--benchmark-max-time=0.25", "--benchmark-min-rounds=5"],
     "compare": ["--device", "cuda", "--quick"],
     "rest": ["tests"],
 }
 DRY = {
     "marks": "cuda",
-    "ns_shapes": ("1x64x64",),
+    "ns_shapes": ("1x64x64", "1x48x96"),
     "bench_options": ["--benchmark-max-time=0.002", "--benchmark-min-rounds=1"],
     "compare": ["--device", "cpu", "--quick", "--steps", "2", "--optimizers", "adamw,muon"],
     # The one other file with cuda tests, and one the first stage ran (so its deselection is exercised).
@@ -107,6 +107,8 @@ TARGETS = (
      "newton_schulz 1x4096x4096 5 steps", None, 0.70),
     ("Newton–Schulz 8192²: fraction of the measured bf16 matmul ceiling", "matmul",
      "newton_schulz 1x8192x8192 5 steps", None, 0.70),
+    ("Gram Newton–Schulz vs the standard method, 12 x 768 x 3072 stack (fastest of each)", "gram",
+     "newton_schulz 12x768x3072 5 steps", None, 1.4),
     ("NorMuon step: fraction of the measured copy bandwidth", "copy", "normuon_step", None, 0.90),
     ("Sophia step: fraction of the measured copy bandwidth", "copy", "sophia_step", None, 0.90),
 )
@@ -226,6 +228,16 @@ def targets(bench: dict | None) -> list[dict]:
             fastest = min(ours, key=lambda r: r["stats"]["median"], default=None)
             if base is not None and fastest is not None:
                 measured, best = base["stats"]["median"] / fastest["stats"]["median"], fastest
+        elif kind == "gram":
+            ours = [r for r in rows if r.get("group") == group  # the reference (fastoptim-torch*) is not compared
+                    and r["extra_info"].get("impl", "").startswith("fastoptim-")
+                    and not r["extra_info"]["impl"].startswith("fastoptim-torch")]
+            gram = min((r for r in ours if r["extra_info"]["impl"].endswith("-gram")),
+                       key=lambda r: r["stats"]["median"], default=None)
+            standard = min((r for r in ours if not r["extra_info"]["impl"].endswith("-gram")),
+                           key=lambda r: r["stats"]["median"], default=None)
+            if gram is not None and standard is not None:
+                measured, best = standard["stats"]["median"] / gram["stats"]["median"], gram
         else:
             key = "fraction_of_matmul" if kind == "matmul" else "fraction_of_copy"
             best = best_row(rows, group, key)

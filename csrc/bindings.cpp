@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -280,6 +281,18 @@ void sophia_step_(const std::vector<at::Tensor>& params, const std::vector<at::T
 }
 
 namespace {
+// The checks muon_momentum_stack_ and muon_stack_recompute_ make first; false: nothing to do (no matrices or an
+// empty stack).
+bool stack_has_work(const std::vector<at::Tensor>& bufs, const std::vector<at::Tensor>& grads, const at::Tensor& out,
+                    const std::vector<int64_t>& indices) {
+  TORCH_CHECK(grads.size() == bufs.size() && indices.size() == bufs.size(),
+              "bufs, grads and indices must have the same length");
+  CHECK_CUDA(out);
+  CHECK_CONTIGUOUS(out);
+  TORCH_CHECK(out.dim() == 3, "out must be a (P, m, n) stack, got ", out.sizes());
+  return !bufs.empty() && out.numel() > 0;
+}
+
 // What muon_momentum_stack_ and muon_stack_recompute_ check and pass: the lists, each slice's address in the
 // (P, m, n) stack out, and the (P, 2·max_chunks) partials (sums, then exponents).
 struct StackArgs {
@@ -330,12 +343,7 @@ StackArgs stack_args(const std::vector<at::Tensor>& bufs, const std::vector<at::
 void muon_momentum_stack_(const std::vector<at::Tensor>& bufs, const std::vector<at::Tensor>& grads, at::Tensor out,
                           const std::vector<int64_t>& indices, double beta, bool nesterov,
                           std::optional<at::Tensor> partials) {
-  TORCH_CHECK(grads.size() == bufs.size() && indices.size() == bufs.size(),
-              "bufs, grads and indices must have the same length");
-  CHECK_CUDA(out);
-  CHECK_CONTIGUOUS(out);
-  TORCH_CHECK(out.dim() == 3, "out must be a (P, m, n) stack, got ", out.sizes());
-  if (bufs.empty() || out.numel() == 0) return;
+  if (!stack_has_work(bufs, grads, out, indices)) return;
   StackArgs args = stack_args(bufs, grads, out, indices, partials);
   const bool store_out = !(partials.has_value() && out.scalar_type() == at::kHalf);
   const c10::cuda::CUDAGuard guard(out.device());
@@ -347,24 +355,47 @@ void muon_momentum_stack_(const std::vector<at::Tensor>& bufs, const std::vector
 }
 
 // A float16 stack after muon_momentum_stack_(..., partials): out[indices[k]] <- U_k / (safety·‖U_k‖_F + eps)
-// with U_k recomputed from the new bufs[k] (and grads[k]).
+// with U_k recomputed from the new bufs[k] (and grads[k]). bufs and grads may mix dtypes: every matrix's
+// denominator is computed once, then one recompute launch per (buf dtype, grad dtype) group.
 void muon_stack_recompute_(const std::vector<at::Tensor>& bufs, const std::vector<at::Tensor>& grads, at::Tensor out,
                            const std::vector<int64_t>& indices, double beta, bool nesterov, const at::Tensor& partials,
                            double safety, double eps) {
-  TORCH_CHECK(grads.size() == bufs.size() && indices.size() == bufs.size(),
-              "bufs, grads and indices must have the same length");
-  CHECK_CUDA(out);
-  CHECK_CONTIGUOUS(out);
-  TORCH_CHECK(out.dim() == 3, "out must be a (P, m, n) stack, got ", out.sizes());
-  if (bufs.empty() || out.numel() == 0) return;
-  StackArgs args = stack_args(bufs, grads, out, indices, partials);
+  if (!stack_has_work(bufs, grads, out, indices)) return;
+  TORCH_CHECK(grads.size() == bufs.size(), "bufs and grads must have the same length");
+  // Groups in order of first appearance.
+  std::vector<std::pair<std::pair<at::ScalarType, at::ScalarType>, std::vector<size_t>>> groups;
+  for (size_t k = 0; k < bufs.size(); ++k) {
+    const auto key = std::make_pair(bufs[k].scalar_type(), grads[k].scalar_type());
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == key; });
+    if (it == groups.end()) {
+      groups.push_back({key, {}});
+      it = groups.end() - 1;
+    }
+    it->second.push_back(k);
+  }
+  std::vector<StackArgs> launches;  // every group checked before anything is launched
+  for (const auto& group : groups) {
+    std::vector<at::Tensor> b, g;
+    std::vector<int64_t> i;
+    for (size_t k : group.second) {
+      b.push_back(bufs[k]);
+      g.push_back(grads[k]);
+      i.push_back(indices[k]);
+    }
+    launches.push_back(stack_args(b, g, out, i, partials));
+  }
   const c10::cuda::CUDAGuard guard(out.device());
   at::Tensor denominators = at::empty({2 * out.size(0)}, partials.options());
-  CHECK_CUDA_LAUNCH(fastoptim::launch_muon_stack_recompute(
-      args.b.ptrs.data(), args.b.dtype, args.g.ptrs.data(), args.g.dtype, args.outs.data(), to_dtype(out, "out"),
-      args.numels.data(), static_cast<int64_t>(args.numels.size()), static_cast<float>(beta), nesterov,
-      args.partials, denominators.data_ptr<float>(), out.size(0), args.max_chunks, static_cast<float>(safety),
-      static_cast<float>(eps), args.base, args.matrix_bytes, current_stream()));
+  CHECK_CUDA_LAUNCH(fastoptim::launch_matrix_denominators(partials.data_ptr<float>(), denominators.data_ptr<float>(),
+                                                          out.size(0), launches[0].max_chunks,
+                                                          static_cast<float>(safety), static_cast<float>(eps),
+                                                          current_stream()));
+  for (const StackArgs& args : launches) {
+    CHECK_CUDA_LAUNCH(fastoptim::launch_muon_stack_recompute(
+        args.b.ptrs.data(), args.b.dtype, args.g.ptrs.data(), args.g.dtype, args.outs.data(), to_dtype(out, "out"),
+        args.numels.data(), static_cast<int64_t>(args.numels.size()), static_cast<float>(beta), nesterov,
+        denominators.data_ptr<float>(), out.size(0), args.base, args.matrix_bytes, current_stream()));
+  }
 }
 
 // out[i] <- out[i] / (safety·‖out[i]‖_F + eps), after muon_momentum_stack_ filled partials (sums, exponents).

@@ -36,35 +36,36 @@ __device__ __forceinline__ float lerp(float start, float end, float weight) {
   return fabsf(weight) < 0.5f ? start + weight * (end - start) : end - (end - start) * (1.0f - weight);
 }
 
-// Sum over a block (blockDim.x a multiple of 32, at most 1024); the result is valid in every thread.
-__device__ __forceinline__ float block_sum(float value) {
-  __shared__ float warp_sums[32];
-  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
+struct SumOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// op over a block (blockDim.x a multiple of 32, at most 1024), a butterfly in each warp and then over the warps'
+// results, so the order of the operations is fixed; the result is valid in every thread. Lanes past the last
+// warp contribute 0: the identity of SumOp, and of MaxOp for the non-negative values it is used on. Each
+// instantiation has its own shared array.
+template <typename Op>
+__device__ __forceinline__ float block_reduce(float value, Op op) {
+  __shared__ float warp_results[32];
+  for (int offset = 16; offset > 0; offset >>= 1) value = op(value, __shfl_xor_sync(0xffffffffu, value, offset));
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  __syncthreads();  // warp_sums may still be read by a previous call
-  if (lane == 0) warp_sums[warp] = value;
+  __syncthreads();  // warp_results may still be read by a previous call
+  if (lane == 0) warp_results[warp] = value;
   __syncthreads();
   const int warps = blockDim.x >> 5;
-  value = lane < warps ? warp_sums[lane] : 0.0f;
-  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  value = lane < warps ? warp_results[lane] : 0.0f;
+  for (int offset = 16; offset > 0; offset >>= 1) value = op(value, __shfl_xor_sync(0xffffffffu, value, offset));
   return value;
 }
 
-// Max over a block (blockDim.x a multiple of 32, at most 1024) of non-negative values; valid in every thread.
-__device__ __forceinline__ float block_max(float value) {
-  __shared__ float warp_maxima[32];
-  for (int offset = 16; offset > 0; offset >>= 1) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  __syncthreads();  // warp_maxima may still be read by a previous call
-  if (lane == 0) warp_maxima[warp] = value;
-  __syncthreads();
-  const int warps = blockDim.x >> 5;
-  value = lane < warps ? warp_maxima[lane] : 0.0f;
-  for (int offset = 16; offset > 0; offset >>= 1) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
-  return value;
-}
+__device__ __forceinline__ float block_sum(float value) { return block_reduce(value, SumOp{}); }
+
+// Max of non-negative values over a block.
+__device__ __forceinline__ float block_max(float value) { return block_reduce(value, MaxOp{}); }
 
 // Overflow-safe Frobenius norms (fastoptim.reference.frobenius_normalized). A block whose sum of squares
 // overflowed although its largest |entry| is finite sums again with its entries divided by 2^e and reports
@@ -130,6 +131,14 @@ cudaError_t dispatch_dtype(DType dtype, Fn&& fn) {
       return fn(__half{});
   }
   return cudaErrorInvalidValue;
+}
+
+// dispatch_dtype over three storage types at once: fn(a_tag, b_tag, c_tag).
+template <typename Fn>
+cudaError_t dispatch_dtypes(DType a, DType b, DType c, Fn&& fn) {
+  return dispatch_dtype(a, [&](auto a_tag) {
+    return dispatch_dtype(b, [&](auto b_tag) { return dispatch_dtype(c, [&](auto c_tag) { return fn(a_tag, b_tag, c_tag); }); });
+  });
 }
 
 inline unsigned grid_for(int64_t work, int threads, int64_t cap = 65535) {

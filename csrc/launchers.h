@@ -75,12 +75,16 @@ cudaError_t launch_muon_stack_normalize(void* out, DType out_dtype, const float*
                                        int64_t matrices, int64_t numel, int64_t max_chunks, float safety, float eps,
                                        cudaStream_t stream);
 
-// After launch_muon_momentum_stack with store_out false (a float16 stack): outs[i] <- U_i / (safety·‖U_i‖_F + eps)
-// with U_i recomputed from the new bufs[i] (and grads[i]). denominators as above.
+// denominators (2·matrices fp32) <- each matrix's safety·‖·‖_F + eps, then its scale, from the partials of
+// launch_muon_momentum_stack (what launch_muon_stack_normalize computes first).
+cudaError_t launch_matrix_denominators(const float* partials, float* denominators, int64_t matrices,
+                                       int64_t max_chunks, float safety, float eps, cudaStream_t stream);
+
+// After launch_muon_momentum_stack with store_out false (a float16 stack) and launch_matrix_denominators:
+// outs[i] <- U_i / (safety·‖U_i‖_F + eps) with U_i recomputed from the new bufs[i] (and grads[i]).
 cudaError_t launch_muon_stack_recompute(void* const* bufs, DType buf_dtype, void* const* grads, DType grad_dtype,
                                        void* const* outs, DType out_dtype, const int64_t* numels, int64_t count,
-                                       float beta, bool nesterov, const float* partials, float* denominators,
-                                       int64_t matrices, int64_t max_chunks, float safety, float eps,
+                                       float beta, bool nesterov, const float* denominators, int64_t matrices,
                                        const void* out_base, int64_t matrix_bytes, cudaStream_t stream);
 
 // NorMuon on a contiguous (batch, m, n) stack; second_moment (batch*m) fp32; workspace: 2*(batch*m + batch)

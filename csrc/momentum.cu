@@ -200,56 +200,51 @@ cudaError_t launch_muon_momentum_stack(void* const* bufs, DType buf_dtype, void*
                                        int64_t max_chunks, cudaStream_t stream) {
   void* const* lists[3] = {bufs, grads, outs};
   constexpr int kStackThreads = 512;
-  return dispatch_dtype(buf_dtype, [&](auto b_tag) {
+  return dispatch_dtypes(buf_dtype, grad_dtype, out_dtype, [&](auto b_tag, auto g_tag, auto o_tag) {
     using B = decltype(b_tag);
-    return dispatch_dtype(grad_dtype, [&](auto g_tag) {
-      using G = decltype(g_tag);
-      return dispatch_dtype(out_dtype, [&](auto o_tag) {
-        using O = decltype(o_tag);
-        constexpr int N = kPackOf<B, G, O>;
-        const bool packed = list_aligned_for_pack<B, N>(bufs, count) && list_aligned_for_pack<G, N>(grads, count) &&
-                            list_aligned_for_pack<O, N>(outs, count);
-        return for_each_table(lists, 3, numels, count, [&](const TensorTable& table, int blocks) {
-          if (packed) {
-            muon_momentum_stack_kernel<B, G, O, true><<<blocks, kStackThreads, 0, stream>>>(
-                table, beta, one_minus_beta, nesterov, partials, store_out, static_cast<const char*>(out_base),
-                matrix_bytes, max_chunks);
-          } else {
-            muon_momentum_stack_kernel<B, G, O, false><<<blocks, kStackThreads, 0, stream>>>(
-                table, beta, one_minus_beta, nesterov, partials, store_out, static_cast<const char*>(out_base),
-                matrix_bytes, max_chunks);
-          }
-          return cudaGetLastError();
-        });
-      });
+    using G = decltype(g_tag);
+    using O = decltype(o_tag);
+    constexpr int N = kPackOf<B, G, O>;
+    const bool packed = list_aligned_for_pack<B, N>(bufs, count) && list_aligned_for_pack<G, N>(grads, count) &&
+                        list_aligned_for_pack<O, N>(outs, count);
+    return for_each_table(lists, 3, numels, count, [&](const TensorTable& table, int blocks) {
+      if (packed) {
+        muon_momentum_stack_kernel<B, G, O, true><<<blocks, kStackThreads, 0, stream>>>(
+            table, beta, one_minus_beta, nesterov, partials, store_out, static_cast<const char*>(out_base),
+            matrix_bytes, max_chunks);
+      } else {
+        muon_momentum_stack_kernel<B, G, O, false><<<blocks, kStackThreads, 0, stream>>>(
+            table, beta, one_minus_beta, nesterov, partials, store_out, static_cast<const char*>(out_base),
+            matrix_bytes, max_chunks);
+      }
+      return cudaGetLastError();
     });
   });
 }
 
-cudaError_t launch_muon_stack_recompute(void* const* bufs, DType buf_dtype, void* const* grads, DType grad_dtype,
-                                       void* const* outs, DType out_dtype, const int64_t* numels, int64_t count,
-                                       float beta, bool nesterov, const float* partials, float* denominators,
-                                       int64_t matrices, int64_t max_chunks, float safety, float eps,
-                                       const void* out_base, int64_t matrix_bytes, cudaStream_t stream) {
+cudaError_t launch_matrix_denominators(const float* partials, float* denominators, int64_t matrices,
+                                       int64_t max_chunks, float safety, float eps, cudaStream_t stream) {
   if (matrices == 0) return cudaSuccess;
   matrix_denominators_kernel<<<grid_for(matrices, 1, 65535 * 8), 256, 0, stream>>>(
       partials, denominators, max_chunks, matrices, safety, eps);
-  const cudaError_t launch = cudaGetLastError();
-  if (launch != cudaSuccess) return launch;
+  return cudaGetLastError();
+}
+
+cudaError_t launch_muon_stack_recompute(void* const* bufs, DType buf_dtype, void* const* grads, DType grad_dtype,
+                                       void* const* outs, DType out_dtype, const int64_t* numels, int64_t count,
+                                       float beta, bool nesterov, const float* denominators, int64_t matrices,
+                                       const void* out_base, int64_t matrix_bytes, cudaStream_t stream) {
+  if (matrices == 0) return cudaSuccess;
   void* const* lists[3] = {bufs, grads, outs};
   constexpr int kStackThreads = 512;
-  return dispatch_dtype(buf_dtype, [&](auto b_tag) {
+  return dispatch_dtypes(buf_dtype, grad_dtype, out_dtype, [&](auto b_tag, auto g_tag, auto o_tag) {
     using B = decltype(b_tag);
-    return dispatch_dtype(grad_dtype, [&](auto g_tag) {
-      using G = decltype(g_tag);
-      return dispatch_dtype(out_dtype, [&](auto o_tag) {
-        using O = decltype(o_tag);
-        return for_each_table(lists, 3, numels, count, [&](const TensorTable& table, int blocks) {
-          muon_stack_recompute_kernel<B, G, O><<<blocks, kStackThreads, 0, stream>>>(
-              table, beta, nesterov, denominators, matrices, static_cast<const char*>(out_base), matrix_bytes);
-          return cudaGetLastError();
-        });
-      });
+    using G = decltype(g_tag);
+    using O = decltype(o_tag);
+    return for_each_table(lists, 3, numels, count, [&](const TensorTable& table, int blocks) {
+      muon_stack_recompute_kernel<B, G, O><<<blocks, kStackThreads, 0, stream>>>(
+          table, beta, nesterov, denominators, matrices, static_cast<const char*>(out_base), matrix_bytes);
+      return cudaGetLastError();
     });
   });
 }
@@ -260,9 +255,8 @@ cudaError_t launch_muon_stack_normalize(void* out, DType out_dtype, const float*
   if (matrices == 0 || numel == 0) return cudaSuccess;
   constexpr int kThreads = 256;
   constexpr int64_t kMaxGridY = 65535;
-  matrix_denominators_kernel<<<grid_for(matrices, 1, 65535 * 8), kThreads, 0, stream>>>(
-      partials, denominators, max_chunks, matrices, safety, eps);
-  const cudaError_t launch = cudaGetLastError();
+  const cudaError_t launch = launch_matrix_denominators(partials, denominators, matrices, max_chunks, safety, eps,
+                                                        stream);
   if (launch != cudaSuccess) return launch;
   return dispatch_dtype(out_dtype, [&](auto o_tag) {
     using O = decltype(o_tag);

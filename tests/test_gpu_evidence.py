@@ -145,6 +145,11 @@ BENCH = {"benchmarks": [
     bench_row("newton_schulz 1x4096x4096 5 steps", "fastoptim-cuda", 0.1, fraction_of_matmul=0.72, shape="1x4096x4096"),
     bench_row("newton_schulz 1x4096x4096 5 steps", "torch-loop", 0.1, fraction_of_matmul=0.95, shape="1x4096x4096"),
     bench_row("normuon_step 12x768x3072", "fastoptim-cuda", 0.1, fraction_of_copy=0.5, shape="12x768x3072"),
+    bench_row("newton_schulz 12x768x3072 5 steps", "fastoptim-cuda", 0.030),
+    bench_row("newton_schulz 12x768x3072 5 steps", "fastoptim-triton", 0.024),  # the fastest standard row
+    bench_row("newton_schulz 12x768x3072 5 steps", "fastoptim-torch", 0.001),  # the reference: not compared
+    bench_row("newton_schulz 12x768x3072 5 steps", "fastoptim-cuda-gram", 0.020),
+    bench_row("newton_schulz 12x768x3072 5 steps", "fastoptim-triton-gram", 0.016),
     bench_row("normuon_step 1x8192x8192", "fastoptim-triton", 0.1, fraction_of_copy=0.8, shape="1x8192x8192"),
 ]}
 
@@ -158,6 +163,9 @@ def test_targets_read_off_the_benchmark_rows():
     normuon = results["NorMuon step"]  # the best fastoptim row over every normuon shape
     assert normuon["measured"] == pytest.approx(0.8) and normuon["met"] is False and normuon["shape"] == "1x8192x8192"
     assert results["Newton–Schulz 8192²"]["measured"] is None and results["Newton–Schulz 8192²"]["met"] is None
+    gram = next(t for t in results.values() if t["kind"] == "gram")  # fastest gram row vs fastest standard row
+    assert gram["measured"] == pytest.approx(0.024 / 0.016) and gram["met"] is True
+    assert gram["implementation"] == "fastoptim-triton-gram"
     assert evidence.targets(None)[0]["measured"] is None
 
 

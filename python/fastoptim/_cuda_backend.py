@@ -202,11 +202,8 @@ def muon_momentum_stack_(bufs, grads, out, beta, nesterov, normalize=False, safe
             [bufs[i] for i in index], [grads[i] for i in index], out, list(index), beta, nesterov, partials
         )
     if normalize and out.dtype == torch.float16:  # not written yet: normalized from the recomputed values
-        for index in groups:
-            _C.muon_stack_recompute_(
-                [bufs[i] for i in index], [grads[i] for i in index], out, list(index), beta, nesterov, partials,
-                safety, eps,
-            )
+        # One call: the denominators once, then a launch per (buf, grad) dtype group inside.
+        _C.muon_stack_recompute_(bufs, grads, out, list(range(len(bufs))), beta, nesterov, partials, safety, eps)
     elif normalize:
         _C.muon_stack_normalize_(out, partials, safety, eps)
 
