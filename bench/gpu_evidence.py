@@ -63,6 +63,7 @@ MAX_FILES = 8
 PRIORITY_TESTS = (
     "tests/test_engine.py",  # a whole Muon/NorMuon step captured in a CUDA graph
     "tests/test_ops_newton_schulz.py",  # every Newton–Schulz backend, graph capture included
+    "tests/test_cuda_gemm_lt.py",  # the NS drivers' cuBLASLt GEMMs (the default driver) against torch
     "tests/test_optim_backends.py",  # the optimizers end to end on cuda and triton vs the torch trajectory
     "tests/test_ops_muon.py",
     "tests/test_ops_normuon.py",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
+import pathlib
 import shutil
 import subprocess
 
@@ -25,6 +26,7 @@ import fastoptim
 from fastoptim.coefficients import resolve
 
 _C_SPEC = importlib.util.find_spec("fastoptim._C")
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -68,6 +70,39 @@ def test_the_extension_links_cublaslt_and_loads():
                              check=True).stdout
     undefined = {word.split("@")[0] for line in symbols.splitlines() if " UND " in line for word in line.split()}
     assert {"cublasLtMatmul", "cublasLtMatmulAlgoGetHeuristic", "cublasLtCreate"} <= undefined
+
+
+def _cublaslt_include() -> pathlib.Path | None:
+    """The folder of cublasLt.h that setup.py would use: torch's nvidia wheels, then CUDA_HOME."""
+    site = pathlib.Path(torch.__file__).parent.parent
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    for place in [site / "nvidia" / sub for sub in ("cu13", "cublas", "cu12")] + [pathlib.Path(cuda_home)]:
+        if (place / "include" / "cublasLt.h").exists():
+            return place / "include"
+    return None
+
+
+def test_gemm_lt_mapping_on_a_host_mock_of_cublaslt(tmp_path):
+    """csrc/gemm_lt.cu compiled for the host against tests/cublaslt_mock/harness.cpp, which implements the
+    cuBLASLt calls it makes with cuBLASLt's column-major semantics and argument checks on host memory: every
+    transposition, padded rows and batch gaps, C = D, the alignments told to the heuristic (checked on every
+    row of every matrix), the batch chunks, the algorithm cache, the declined path (see the harness)."""
+    compiler = shutil.which("g++")
+    include = _cublaslt_include()
+    cuda_include = pathlib.Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
+    if compiler is None or include is None or not (cuda_include / "cuda_runtime.h").exists():
+        pytest.skip("needs g++, the CUDA headers and cublasLt.h (in torch's nvidia wheels or CUDA_HOME)")
+    harness = tmp_path / "harness"
+    build = subprocess.run(
+        [compiler, "-std=c++17", "-O1", "-Wall", "-Werror", "-DFASTOPTIM_HAVE_CUBLASLT", f"-I{ROOT / 'csrc'}",
+         f"-I{cuda_include}", "-isystem", str(include), "-x", "c++", str(ROOT / "csrc" / "gemm_lt.cu"), "-x", "c++",
+         str(ROOT / "tests" / "cublaslt_mock" / "harness.cpp"), "-o", str(harness)],
+        capture_output=True, text=True,
+    )
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run([str(harness)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert run.stdout.strip().startswith("ok ")
 
 
 def test_gemm_refuses_cpu_tensors_naming_them():
