@@ -125,6 +125,7 @@ def versions() -> str:
 def record(benchmark, ceilings: dict, *, flops: float | None = None, bytes_moved: float | None = None, **info):
     """Attach throughput and fraction-of-ceiling to a finished benchmark row."""
     info["device"] = ceilings["device"]
+    info["capability"] = ceilings.get("capability")  # sm_XY: what dispatch tables are keyed on
     info["versions"] = versions()
     stats = getattr(benchmark, "stats", None)
     median = stats.stats.median if stats is not None and getattr(stats, "stats", None) else None

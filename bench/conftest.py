@@ -26,4 +26,5 @@ def ceilings(request) -> dict:
     seconds = measure_seconds(lambda: dst.copy_(src), 20 if HAS_CUDA else 3, warmup=100 if HAS_CUDA else 1)
     copy_gbs = 2 * numel * 4 / seconds / 1e9  # read + write
     name = torch.cuda.get_device_name() if HAS_CUDA else "cpu"
-    return {"matmul_tflops": tflops, "copy_gbs": copy_gbs, "device": name}
+    capability = "sm_{}{}".format(*torch.cuda.get_device_capability()) if HAS_CUDA else None
+    return {"matmul_tflops": tflops, "copy_gbs": copy_gbs, "device": name, "capability": capability}

@@ -252,6 +252,13 @@ def targets(bench: dict | None) -> list[dict]:
     return results
 
 
+def _load_thresholds():
+    spec = importlib.util.spec_from_file_location("bench_thresholds", BENCH / "thresholds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _load_render():
     spec = importlib.util.spec_from_file_location("bench_render", BENCH / "render.py")
     module = importlib.util.module_from_spec(spec)
@@ -330,13 +337,16 @@ def render_results(evidence: dict, bench: dict | None) -> str:
     lines += ["", "## Targets (issue 15)", "", "| target | goal | measured | best implementation | met |",
               "|---|---:|---:|---|---|"]
     for target in evidence.get("targets", []):
-        spec = ".2f" if target["kind"] == "speedup" else ".0%"
-        goal = f"{target['goal']:.1f}x" if target["kind"] == "speedup" else f"{target['goal']:.0%}"
-        measured = _number(target["measured"], spec) + ("x" if target["kind"] == "speedup" and
-                                                          target["measured"] is not None else "")
+        ratio = target["kind"] in ("speedup", "gram")
+        spec = ".2f" if ratio else ".0%"
+        goal = f"{target['goal']:.1f}x" if ratio else f"{target['goal']:.0%}"
+        measured = _number(target["measured"], spec) + ("x" if ratio and target["measured"] is not None else "")
         met = {True: "yes", False: "**no**", None: "—"}[target["met"]]
         where = " ".join(x for x in (target.get("implementation"), target.get("shape")) if x) or "—"
         lines.append(f"| {target['target']} | {goal} | {measured} | {where} | {met} |")
+
+    lines += ["", "## Dispatch thresholds derived from these rows (`bench/thresholds.py`)", ""]
+    lines += _load_thresholds().render(_load_thresholds().symmetric_min_gram((bench or {}).get("benchmarks", [])))
 
     lines += ["", "## Benchmarks", ""]
     if bench and bench.get("benchmarks"):

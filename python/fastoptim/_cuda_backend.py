@@ -5,6 +5,7 @@ backend for the others. `fastoptim.backends` imports this module only once ``_C`
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import defaultdict
 
@@ -50,20 +51,32 @@ def _split(value: float | torch.Tensor) -> tuple[float, torch.Tensor | None]:
 # --------------------------------------------------------------------------------------------------
 # Newton–Schulz
 
-# Smallest Gram side s = min(m, n) from which the upper-triangle tensor-core kernel (csrc/symmetric_gemm.cu)
-# beats cuBLAS for X Xᵀ and A·A. None until a GPU run has measured it (bench_newton_schulz's
-# fastoptim-cuda-symmetric rows): dispatch picks per shape from measured data, not guesses.
-SYMMETRIC_MIN_GRAM: int | None = None
+# Per architecture ("sm_90", "sm_80", ...): the smallest Gram side s = min(m, n) from which the upper-triangle
+# tensor-core kernel (csrc/symmetric_gemm.cu) beats cuBLASLt for X Xᵀ and A·A. An architecture absent here (or
+# None) never takes it: entries come from measured rows only (bench_newton_schulz's fastoptim-cuda and
+# fastoptim-cuda-symmetric medians, through `python bench/thresholds.py <bench.json>`), never from guesses.
+# No GPU run has measured them yet.
+SYMMETRIC_MIN_GRAM: dict[str, int | None] = {}
+
+
+@functools.cache
+def _arch(index: int) -> str:
+    """"sm_XY" of CUDA device `index` (a host query, cached: no synchronization)."""
+    return "sm_{}{}".format(*torch.cuda.get_device_capability(index))
 
 
 def _use_symmetric(G: torch.Tensor, compute_dtype: torch.dtype) -> bool:
-    """FASTOPTIM_NS_SYMMETRIC=1 forces the symmetric kernel (16-bit compute), 0 forbids it; unset: the table."""
+    """FASTOPTIM_NS_SYMMETRIC=1 forces the symmetric kernel (16-bit compute), 0 forbids it; unset: the table
+    of G's architecture."""
     forced = os.environ.get("FASTOPTIM_NS_SYMMETRIC", "").strip()
     if compute_dtype == torch.float32 or forced == "0":
         return False
     if forced == "1":
         return True
-    return SYMMETRIC_MIN_GRAM is not None and min(G.shape[-2], G.shape[-1]) >= SYMMETRIC_MIN_GRAM
+    if not SYMMETRIC_MIN_GRAM or G.device.type != "cuda":
+        return False
+    threshold = SYMMETRIC_MIN_GRAM.get(_arch(G.device.index if G.device.index is not None else 0))
+    return threshold is not None and min(G.shape[-2], G.shape[-1]) >= threshold
 
 
 def _newton_schulz_support(G, schedule, eps, compute_dtype, normalized=False) -> str | None:
