@@ -199,6 +199,45 @@ def _newton_schulz_calls(ns) -> None:
     _call("newton_schulz (8192, 8192)", ns._newton_schulz, G, schedule, 1e-7, torch.bfloat16)
 
 
+@contextlib.contextmanager
+def _environment(**values: str):
+    """The launchers' environment switches (FASTOPTIM_TRITON_TMA, FASTOPTIM_TRITON_PERSISTENT) set for a call."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _newton_schulz_launch_calls(ns) -> None:
+    """The other launch paths of the product kernels (the calls above take the defaults: descriptors on
+    sm_90 where legal, the grid launch): the persistent launch, with descriptors or pointers; on sm_90 the
+    pointer path that FASTOPTIM_TRITON_TMA=0 forces; and a float32 stack with descriptors forced."""
+    from fastoptim.coefficients import resolve
+
+    schedule = resolve("jordan", 1)
+    persistent = [(dtype, shape) for dtype in (torch.bfloat16, torch.float32)
+                  for shape in [(4, 256, 768), (4, 1024, 4096), (4, 4096, 1024), (3, 99, 300)]]
+    persistent += [(torch.bfloat16, (12, 768, 3072)), (torch.bfloat16, (48, 768, 768))]
+    with _environment(**{ns.PERSISTENT_ENV: "1"}):
+        for compute_dtype, shape in persistent:
+            G = torch.empty(shape, device="meta")
+            _call(f"newton_schulz persistent {_name(compute_dtype)} {shape}", ns._newton_schulz, G, schedule, 1e-7,
+                  compute_dtype)
+    with _environment(**{ns.TMA_ENV: "0"}):
+        for shape in [(4, 256, 768), (4, 1024, 4096), (4, 4096, 1024)]:
+            G = torch.empty(shape, device="meta")
+            _call(f"newton_schulz tma=0 bfloat16 {shape}", ns._newton_schulz, G, schedule, 1e-7, torch.bfloat16)
+    with _environment(**{ns.TMA_ENV: "1"}):
+        G = torch.empty((4, 256, 768), device="meta")
+        _call("newton_schulz tma=1 float32 (4, 256, 768)", ns._newton_schulz, G, schedule, 1e-7, torch.float32)
+
+
 def _gram_newton_schulz_calls(gram) -> None:
     from fastoptim.coefficients import resolve
 
@@ -329,8 +368,8 @@ def main() -> None:
     parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (default: 90 and 80)")
     parser.add_argument(
         "--only", action="append",
-        help="a family: newton_schulz, gram_newton_schulz, muon, muon_stack, normuon, sophia, apply_stack "
-        "(default: all)",
+        help="a family: newton_schulz, newton_schulz_launch, gram_newton_schulz, muon, muon_stack, normuon, sophia, "
+        "apply_stack (default: all)",
     )
     options = parser.parse_args()
 
@@ -356,6 +395,7 @@ def main() -> None:
     newton_schulz._arch = lambda device: _DRIVER.target.arch  # the register cap is for sm_90
     families = {
         "newton_schulz": lambda: _newton_schulz_calls(newton_schulz),
+        "newton_schulz_launch": lambda: _newton_schulz_launch_calls(newton_schulz),
         "gram_newton_schulz": lambda: _gram_newton_schulz_calls(gram_newton_schulz),
         "muon": lambda: _muon_calls(muon),
         "muon_stack": lambda: _muon_stack_calls(muon_stack),

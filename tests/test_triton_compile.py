@@ -44,7 +44,9 @@ def compiled(tmp_path_factory) -> dict[int, tuple[int, list[dict], list[str], st
         pytest.skip("triton has no NVIDIA backend")
     if Version(triton.__version__).release < (3, 5):  # triton.knobs, CompiledKernel.metadata_group
         pytest.skip(f"the ahead-of-time helper needs triton >= 3.5, this is triton {triton.__version__}")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    # The launchers' defaults are under test: no interpreter, no FASTOPTIM_TRITON_TMA / _PERSISTENT override.
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("TRITON_INTERPRET", "FASTOPTIM_TRITON_TMA", "FASTOPTIM_TRITON_PERSISTENT")}
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
     # One process per target, in parallel (compilation is single-threaded).
     processes = {
@@ -130,8 +132,22 @@ def _block(record: dict) -> int:
 _CAPPED_ADDEND_SPILL = 0 if Version(triton.__version__).release >= (3, 8) else 16
 
 
+# Bytes of local memory allowed to a capped kernel that reads through TMA descriptors (sm_90's default for
+# aligned 16-bit stacks): on triton 3.8 the capped cA² + bA grid kernel keeps 4 bytes there and the capped
+# persistent X Xᵀ kernel 8 (one or two registers stored and reloaded after the K loop); triton 3.6 is
+# allowed the pointer path's 16.
+_CAPPED_TMA_SPILL = 8 if Version(triton.__version__).release >= (3, 8) else 16
+
+
+def _reads_descriptors(record: dict) -> bool:
+    return record["signature"]["p_ptr"].startswith("tensordesc")
+
+
 def _spill_allowance(record: dict) -> int:
-    capped_addend = record["max_registers"] is not None and record["constexprs"].get("HAS_ADDEND") is True
+    capped = record["max_registers"] is not None
+    if capped and _reads_descriptors(record):
+        return _CAPPED_TMA_SPILL
+    capped_addend = capped and record["constexprs"].get("HAS_ADDEND") is True
     return _CAPPED_ADDEND_SPILL if capped_addend else 0
 
 
@@ -196,6 +212,59 @@ def test_newton_schulz_small_grid_for_a_lone_768x3072(compiled):
         gram = 128 if call.endswith("(12, 768, 3072)") else 64
         assert blocks == {("_symmetric_product_kernel", False): gram, ("_symmetric_product_kernel", True): gram,
                           ("_product_axpy_kernel", None): 128}, (call, blocks)
+
+
+def _forced_pointers(record: dict) -> bool:
+    return any("tma=0" in call for call in record["calls"])
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_newton_schulz_sm90_products_read_through_tma(compiled, arch):
+    """sm_90, aligned 16-bit stacks: every product kernel takes both operands as tensor descriptors and its
+    PTX copies tiles with TMA (cp.async.bulk.tensor; SASS UTMALDG) instead of cp.async, and still issues
+    wgmma; FASTOPTIM_TRITON_TMA=0 gives back the cp.async pointer path. sm_80 has no TMA: no descriptor
+    and no cp.async.bulk.tensor in any of its kernels."""
+    records = _products(compiled, arch, aligned=True)
+    if arch == 80:
+        assert records and not any(_reads_descriptors(r) or r["instructions"]["tma"] for r in _products(compiled, 80))
+        return
+    sixteen_bit = [r for r in records if _sixteen_bit(r)]
+    descriptors = [r for r in sixteen_bit if not _forced_pointers(r)]
+    pointers = [r for r in sixteen_bit if _forced_pointers(r)]
+    assert {r["kernel"] for r in descriptors} == set(_PRODUCTS) == {r["kernel"] for r in pointers}
+    assert any(r["constexprs"].get("PERSISTENT") for r in descriptors)
+    for r in descriptors:
+        counts = r["instructions"]
+        assert _reads_descriptors(r) and r["signature"]["q_ptr"].startswith("tensordesc"), (r["call"], r["signature"])
+        assert counts["tma"] > 0 and counts["cp_async"] == 0, (r["call"], counts)
+        if _block(r) >= 64:
+            assert counts["wgmma"] > 0 and counts["mma_sync"] == 0, (r["call"], counts)
+        assert r["spill_stores"] <= _spill_allowance(r) and r["spill_loads"] <= _spill_allowance(r), (
+            r["call"], r["constexprs"], r["regs"], r["spill_stores"])
+        assert r["max_registers"] is None or r["regs"] <= r["max_registers"], (r["call"], r["regs"])
+    for r in pointers:
+        assert not _reads_descriptors(r) and r["instructions"]["tma"] == 0 and r["instructions"]["cp_async"] > 0, r
+
+
+# Shared memory per SM (bytes): 228 KB on H100, 164 KB on A100.
+SHARED_PER_SM = {90: 228 * 1024, 80: 164 * 1024}
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_newton_schulz_persistent_grid_fits_its_resident_ctas(compiled, arch):
+    """The persistent launch sizes its grid as SMs x the CTAs per SM of newton_schulz._ctas_per_sm: that many
+    CTAs of every compiled persistent kernel must fit an SM's registers and shared memory at once (more
+    programs than fit would wait for whole programs to finish: a tail as long as a program's loop)."""
+    from fastoptim.triton_kernels import newton_schulz as ns
+
+    persistent = [r for r in _products(compiled, arch) if r["constexprs"].get("PERSISTENT")]
+    assert {r["kernel"] for r in persistent} == set(_PRODUCTS)
+    assert any(r["max_registers"] for r in persistent) == (arch == 90)
+    for r in persistent:
+        ctas = ns._ctas_per_sm(ns._Config(_block(r), r["constexprs"]["BLOCK_K"], r["num_warps"], r["num_stages"],
+                                          r["max_registers"]))
+        assert ctas * r["regs"] * r["num_warps"] * 32 <= REGISTERS_PER_SM, (r["call"], ctas, r["regs"])
+        assert ctas * (r["shared"] + 1024) <= SHARED_PER_SM[arch], (r["call"], ctas, r["shared"])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -114,7 +114,8 @@ def _tile_product(
     p_ptr, q_ptr, rows, cols, num_rows, num_cols, K, stride_pi, stride_pk, stride_qk, stride_qj,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """(P Q)[rows, cols] in fp32, P[i, k] at p_ptr + i·stride_pi + k·stride_pk, Q[k, j] likewise.
+    """(P Q)[rows, cols] in fp32, P[i, k] at p_ptr + i·stride_pi + k·stride_pk, Q[k, j] likewise (the
+    pointer path: masked loads, cp.async on sm_80 and sm_90).
 
     UPCAST converts 16-bit tiles to fp32 before tl.dot: the interpreter's bf16 dot is wrong, and the
     fp32 dot of bf16 values is what the GPU's bf16 dot with fp32 accumulation computes. "ieee" keeps
@@ -139,22 +140,48 @@ def _tile_product(
 
 
 @triton.jit
-def _symmetric_product_kernel(
-    p_ptr, q_ptr, addend_ptr, out_ptr, size, K,
-    stride_pb, stride_pi, stride_pk, stride_qb, stride_qk, stride_qj, stride_ob, alpha, beta,
-    HAS_ADDEND: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+def _descriptor_tile(
+    desc, batch, first_row, first_col, TRANSPOSED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
 ):
-    """OUT = alpha·(P Q) + beta·ADDEND for a product P Q known to be symmetric (size x size).
+    """The ROWS x COLS tile at (first_row, first_col) of matrix `batch` of an operand read through a 3-D
+    descriptor over its row-major storage (batch, r, c). TRANSPOSED: the storage holds the operand's
+    transpose (Xᵀ of X Xᵀ, of XᵀX), so the descriptor's block is COLS x ROWS, transposed in shared memory.
+    Rows and columns past the matrix's edge read as zeros (the descriptor's bounds are per matrix)."""
+    if TRANSPOSED:
+        tile = tl.trans(tl.reshape(desc.load([batch, first_col, first_row]), (COLS, ROWS)))
+    else:
+        tile = tl.reshape(desc.load([batch, first_row, first_col]), (ROWS, COLS))
+    return tile
 
-    One program per tile on or above the diagonal (program_id(0) enumerates the upper triangle of
-    the tile grid); it writes its tile and the transpose, so half the tiles' products are computed.
-    On a diagonal tile the upper half (diagonal included) is kept and the strict lower half is taken
-    from the tile's transpose, so OUT is exactly symmetric and no element is written twice. OUT and
-    ADDEND are contiguous stacks. FLOPs per tile: 2·BLOCK²·K; the stores are whole 16-byte vectors.
-    """
-    tile = tl.program_id(0)
-    batch = tl.program_id(1)
+
+@triton.jit
+def _tile_product_tma(
+    p_desc, q_desc, batch, first_row, first_col, K,
+    P_TRANSPOSED: tl.constexpr, Q_TRANSPOSED: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """(P Q)[first_row:+BLOCK_M, first_col:+BLOCK_N] of matrix `batch` in fp32, P and Q read by TMA (the
+    descriptor path: no masks, the copy engine zero-fills past the edges)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        p = _descriptor_tile(p_desc, batch, first_row, k0, P_TRANSPOSED, BLOCK_M, BLOCK_K)
+        q = _descriptor_tile(q_desc, batch, k0, first_col, Q_TRANSPOSED, BLOCK_K, BLOCK_N)
+        if UPCAST:
+            p = p.to(tl.float32)
+            q = q.to(tl.float32)
+        acc = tl.dot(p, q, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _symmetric_tile(
+    p_ptr, q_ptr, addend_ptr, out_ptr, tile, batch, matrix, size, K,
+    stride_pb, stride_pi, stride_pk, stride_qb, stride_qk, stride_qj, alpha, beta,
+    HAS_ADDEND: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr, P_TRANSPOSED: tl.constexpr, Q_TRANSPOSED: tl.constexpr,
+):
+    """Tile `tile` (of the upper triangle of the tile grid) of matrix `batch`, which starts at element
+    `matrix` (int64) of OUT and ADDEND: see _symmetric_product_kernel."""
     # tile = hi·(hi + 1)/2 + lo with lo <= hi; the float root can be off by one, so correct it.
     hi = ((tl.sqrt(8.0 * tile + 1.0) - 1.0) * 0.5).to(tl.int32)
     hi = tl.where((hi + 1) * (hi + 2) // 2 <= tile, hi + 1, hi)
@@ -162,17 +189,24 @@ def _symmetric_product_kernel(
     lo = tile - hi * (hi + 1) // 2
     rows = lo * BLOCK + tl.arange(0, BLOCK)
     cols = hi * BLOCK + tl.arange(0, BLOCK)
-    acc = _tile_product(
-        p_ptr + _batch_offset(batch, stride_pb), q_ptr + _batch_offset(batch, stride_qb),
-        rows, cols, size, size, K, stride_pi, stride_pk, stride_qk, stride_qj,
-        UPCAST, BLOCK, BLOCK, BLOCK_K,
-    )
-    acc = acc * alpha
+    if TMA:
+        acc = _tile_product_tma(p_ptr, q_ptr, batch, lo * BLOCK, hi * BLOCK, K, P_TRANSPOSED, Q_TRANSPOSED,
+                                UPCAST, BLOCK, BLOCK, BLOCK_K)
+    else:
+        acc = _tile_product(
+            p_ptr + _batch_offset(batch, stride_pb), q_ptr + _batch_offset(batch, stride_qb),
+            rows, cols, size, size, K, stride_pi, stride_pk, stride_qk, stride_qj, UPCAST, BLOCK, BLOCK, BLOCK_K,
+        )
     in_range = (rows[:, None] < size) & (cols[None, :] < size)
-    matrix = _batch_offset(batch, stride_ob)
     tile_offsets = matrix + _row_offset(rows, size)[:, None] + cols[None, :]
     if HAS_ADDEND:
-        acc += beta * tl.load(addend_ptr + tile_offsets, mask=in_range, other=0.0).to(tl.float32)
+        if TMA:  # addend_ptr is a descriptor too: no per-element addresses for this load
+            addend = _descriptor_tile(addend_ptr, batch, lo * BLOCK, hi * BLOCK, False, BLOCK, BLOCK)
+        else:
+            addend = tl.load(addend_ptr + tile_offsets, mask=in_range, other=0.0)
+        acc = acc * alpha + beta * addend.to(tl.float32)
+    else:
+        acc = acc * alpha
     result = acc.to(out_ptr.dtype.element_ty)
     mirror_offsets = matrix + _row_offset(cols, size)[:, None] + rows[None, :]
     mirror_in_range = (cols[:, None] < size) & (rows[None, :] < size)
@@ -190,16 +224,56 @@ def _symmetric_product_kernel(
 
 
 @triton.jit
-def _product_axpy_kernel(
-    p_ptr, q_ptr, x_ptr, out_ptr, M, N, K,
-    stride_pb, stride_pi, stride_pk, stride_qb, stride_qk, stride_qj, stride_xb, alpha,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+def _symmetric_product_kernel(
+    p_ptr, q_ptr, addend_ptr, out_ptr, size, K,
+    stride_pb, stride_pi, stride_pk, stride_qb, stride_qk, stride_qj, stride_ob, alpha, beta,
+    HAS_ADDEND: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+    num_matrices=1, PERSISTENT: tl.constexpr = False,
+    TMA: tl.constexpr = False, P_TRANSPOSED: tl.constexpr = False, Q_TRANSPOSED: tl.constexpr = False,
 ):
-    """OUT = P Q + alpha·X (M x N; X and OUT contiguous stacks). Tiles are visited in groups of
-    GROUP_M tile rows so that the programs running together share their P and Q tiles in L2."""
-    pid = tl.program_id(0)
-    batch = tl.program_id(1)
+    """OUT = alpha·(P Q) + beta·ADDEND for a product P Q known to be symmetric (size x size).
+
+    One work item per tile on or above the diagonal (the upper triangle of the tile grid); it writes its
+    tile and the transpose, so half the tiles' products are computed. On a diagonal tile the upper half
+    (diagonal included) is kept and the strict lower half is taken from the tile's transpose, so OUT is
+    exactly symmetric and no element is written twice. OUT and ADDEND are contiguous stacks. FLOPs per
+    tile: 2·BLOCK²·K; the stores are whole 16-byte vectors.
+
+    Grid launch: program_id(0) is the tile, program_id(1) the matrix. PERSISTENT: a 1-D grid of any size
+    whose programs take the num_matrices x triangle work items in turn, matrix-major (programs running
+    together share a matrix in L2). TMA: p_ptr and q_ptr are 3-D tensor descriptors over the storage of
+    P and Q (P_TRANSPOSED / Q_TRANSPOSED: of Pᵀ / Qᵀ) and their strides are not read.
+    """
+    if PERSISTENT:
+        tiles = tl.cdiv(size, BLOCK)
+        triangle = tiles * (tiles + 1) // 2
+        for item in range(tl.program_id(0), triangle * num_matrices, tl.num_programs(0)):
+            batch = item // triangle
+            _symmetric_tile(
+                p_ptr, q_ptr, addend_ptr, out_ptr, item % triangle, batch, _batch_offset(batch, stride_ob), size, K,
+                stride_pb, stride_pi, stride_pk, stride_qb, stride_qk, stride_qj, alpha, beta,
+                HAS_ADDEND, UPCAST, BLOCK, BLOCK_K, TMA, P_TRANSPOSED, Q_TRANSPOSED,
+            )
+    else:
+        tile = tl.program_id(0)
+        batch = tl.program_id(1)
+        _symmetric_tile(
+            p_ptr, q_ptr, addend_ptr, out_ptr, tile, batch, _batch_offset(batch, stride_ob), size, K,
+            stride_pb, stride_pi, stride_pk, stride_qb, stride_qk, stride_qj, alpha, beta,
+            HAS_ADDEND, UPCAST, BLOCK, BLOCK_K, TMA, P_TRANSPOSED, Q_TRANSPOSED,
+        )
+
+
+@triton.jit
+def _axpy_tile(
+    p_ptr, q_ptr, x_ptr, out_ptr, pid, batch, matrix, M, N, K,
+    stride_pb, stride_pi, stride_pk, stride_qb, stride_qk, stride_qj, alpha,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, TMA: tl.constexpr, P_TRANSPOSED: tl.constexpr, Q_TRANSPOSED: tl.constexpr,
+):
+    """Tile `pid` of matrix `batch`, which starts at element `matrix` (int64) of X and OUT: see
+    _product_axpy_kernel."""
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     group_width = GROUP_M * tiles_n
@@ -209,12 +283,49 @@ def _product_axpy_kernel(
     pid_n = (pid % group_width) // group_rows
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = _tile_product(
-        p_ptr + _batch_offset(batch, stride_pb), q_ptr + _batch_offset(batch, stride_qb),
-        rows, cols, M, N, K, stride_pi, stride_pk, stride_qk, stride_qj,
-        UPCAST, BLOCK_M, BLOCK_N, BLOCK_K,
-    )
+    if TMA:
+        acc = _tile_product_tma(p_ptr, q_ptr, batch, pid_m * BLOCK_M, pid_n * BLOCK_N, K, P_TRANSPOSED, Q_TRANSPOSED,
+                                UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        acc = _tile_product(
+            p_ptr + _batch_offset(batch, stride_pb), q_ptr + _batch_offset(batch, stride_qb),
+            rows, cols, M, N, K, stride_pi, stride_pk, stride_qk, stride_qj,
+            UPCAST, BLOCK_M, BLOCK_N, BLOCK_K,
+        )
     mask = (rows[:, None] < M) & (cols[None, :] < N)
-    offsets = _batch_offset(batch, stride_xb) + _row_offset(rows, N)[:, None] + cols[None, :]
+    offsets = matrix + _row_offset(rows, N)[:, None] + cols[None, :]
     acc += alpha * tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _product_axpy_kernel(
+    p_ptr, q_ptr, x_ptr, out_ptr, M, N, K,
+    stride_pb, stride_pi, stride_pk, stride_qb, stride_qk, stride_qj, stride_xb, alpha,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    num_matrices=1, PERSISTENT: tl.constexpr = False,
+    TMA: tl.constexpr = False, P_TRANSPOSED: tl.constexpr = False, Q_TRANSPOSED: tl.constexpr = False,
+):
+    """OUT = P Q + alpha·X (M x N; X and OUT contiguous stacks). Tiles are visited in groups of
+    GROUP_M tile rows so that the programs running together share their P and Q tiles in L2.
+
+    Grid launch: program_id(0) is the tile, program_id(1) the matrix; PERSISTENT and TMA as in
+    _symmetric_product_kernel (work items matrix-major, each matrix's tiles in the grouped order)."""
+    if PERSISTENT:
+        tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for item in range(tl.program_id(0), tiles * num_matrices, tl.num_programs(0)):
+            batch = item // tiles
+            _axpy_tile(
+                p_ptr, q_ptr, x_ptr, out_ptr, item % tiles, batch, _batch_offset(batch, stride_xb), M, N, K,
+                stride_pb, stride_pi, stride_pk, stride_qb, stride_qk, stride_qj, alpha,
+                UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA, P_TRANSPOSED, Q_TRANSPOSED,
+            )
+    else:
+        pid = tl.program_id(0)
+        batch = tl.program_id(1)
+        _axpy_tile(
+            p_ptr, q_ptr, x_ptr, out_ptr, pid, batch, _batch_offset(batch, stride_xb), M, N, K,
+            stride_pb, stride_pi, stride_pk, stride_qb, stride_qk, stride_qj, alpha,
+            UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA, P_TRANSPOSED, Q_TRANSPOSED,
+        )

@@ -30,14 +30,12 @@ import triton.language as tl
 
 from .._registry import register_kernel
 from ..coefficients import Schedule
-from . import _ns_kernels as kernels
 from . import newton_schulz as standard
 from ._common import MAX_GRID_Y, device_guard
 from ._ns_kernels import _batch_offset, _row_offset
 
 _MAX_BATCH_PER_LAUNCH = MAX_GRID_Y  # module-level, so a test can lower it
 _DIAGONAL_BLOCK = 128
-_GROUP_M = 8
 
 
 @triton.jit
@@ -52,53 +50,31 @@ def _add_identity_kernel(z_ptr, size, stride_zb, alpha, BLOCK: tl.constexpr):
     tl.store(ptrs, (z + alpha).to(z_ptr.dtype.element_ty), mask=mask)
 
 
-def _options(config: standard._Config, upcast: bool) -> dict:
-    options = {"UPCAST": upcast, "BLOCK_K": config.block_k, "num_warps": config.num_warps,
-               "num_stages": config.num_stages}
-    if config.max_registers is not None:  # the standard launcher's register cap (two CTAs per SM on sm_90)
-        options["maxnreg"] = config.max_registers
-    return options
-
-
 def _launch_chunk(x_buffers, squares, schedule, restarts, config, upcast, tall, update_config=None) -> int:
     """The iteration for a stack short enough for one grid. x_buffers[0] holds X₀ and both are
     (batch, m, n); squares are five (batch, s, s) workspaces. `config` is that of the s x s products,
     `update_config` (default: the same) that of the products with X. Returns the index of the buffer
-    holding the result."""
+    holding the result. The products launch as the standard launcher's (`standard._path`: descriptors
+    on sm_90, the grid or the persistent launch)."""
     batch, m, n = x_buffers[0].shape
     size, length = min(m, n), max(m, n)
     R, Z, T, Q, Q_next = squares
     update_config = update_config or config
-    tiles = triton.cdiv(size, config.block)
-    triangle = (tiles * (tiles + 1) // 2, batch)
-    update_grid = (triton.cdiv(m, update_config.block) * triton.cdiv(n, update_config.block), batch)
-    options = _options(config, upcast)
-    update_options = _options(update_config, upcast)
-    square = size * size
+    path = standard._path(R.device, R.dtype)
 
     def symmetric(p, q, addend, out, alpha, beta):
         """out = alpha·(p q) + beta·addend, for s x s p, q (row-major) whose product is symmetric."""
-        kernels._symmetric_product_kernel[triangle](
-            p, q, addend, out, size, size, square, size, 1, square, size, 1, square, alpha, beta,
-            HAS_ADDEND=True, BLOCK=config.block, **options,
-        )
+        standard._symmetric_product(path, config, upcast, p, False, q, False, addend, out, size, size, alpha, beta,
+                                    True)
 
     def gram(x):
         """R = X Xᵀ (tall: XᵀX), reading X's rows (columns) twice through strides."""
-        strides = (1, n, n, 1) if tall else (n, 1, 1, n)
-        kernels._symmetric_product_kernel[triangle](
-            x, x, R, R, size, length, x.stride(0), *strides[:2], x.stride(0), *strides[2:], square, 1.0, 0.0,
-            HAS_ADDEND=False, BLOCK=config.block, **options,
-        )
+        standard._symmetric_product(path, config, upcast, x, tall, x, not tall, R, R, size, length, 1.0, 0.0, False)
 
     def apply(q, x, out):
         """out = Q X (tall: X Q)."""
         left, right = (x, q) if tall else (q, x)
-        kernels._product_axpy_kernel[update_grid](
-            left, right, x, out, m, n, size, left.stride(0), left.stride(1), 1, right.stride(0), right.stride(1),
-            1, x.stride(0), 0.0, BLOCK_M=update_config.block, BLOCK_N=update_config.block, GROUP_M=_GROUP_M,
-            **update_options,
-        )
+        standard._product_axpy(path, update_config, upcast, left, right, x, out, size, 0.0)
 
     current = 0
     gram(x_buffers[current])
@@ -110,7 +86,7 @@ def _launch_chunk(x_buffers, squares, schedule, restarts, config, upcast, tall, 
             symmetric(Z, T, T, R, 1.0, a)
         if fresh:
             diagonal_grid = (triton.cdiv(size, _DIAGONAL_BLOCK), batch)
-            _add_identity_kernel[diagonal_grid](Z, size, square, a, BLOCK=_DIAGONAL_BLOCK)
+            _add_identity_kernel[diagonal_grid](Z, size, Z.stride(0), a, BLOCK=_DIAGONAL_BLOCK)
             Q, Z = Z, Q  # Z's buffer holds Q now; the old Q's is free for the next Z
         else:
             symmetric(Z, Q, Q, Q_next, 1.0, a)

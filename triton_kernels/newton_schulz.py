@@ -27,11 +27,46 @@ Tiles (`_configs`): a table keyed on s; on a GPU, a launch whose 128-row grid wo
 program takes 64-row tiles (the small-grid rule), and on sm_90 aligned 16-bit 128-row tiles are capped at
 128 registers per thread so that two CTAs share an SM. tests/test_triton_compile.py checks the compiled
 kernels (16-byte epilogue stores, wgmma, registers, spills, the rule at 768 x 3072 on 132 SMs).
+
+Operand loads (`_operands`): on sm_90 the products read P and Q through TMA tensor descriptors
+(`FASTOPTIM_TRITON_TMA`: unset, on for 16-bit compute on sm_90; 0, never; 1, also fp32 and anywhere
+descriptors run, the interpreter included). Host-side descriptors (triton.tools.tensor_descriptor, triton
+>= 3.4: the same class on the GPU machines' 3.6 and this 3.8), not device-side tl.make_tensor_descriptor:
+a host descriptor is a kernel parameter (a CUtensorMap passed by value), so a CUDA graph captures it like
+any argument, and there is no global-memory scratch and no process-wide triton.set_allocator for a library
+to install. A stack (batch, r, c) is one 3-D descriptor with blocks (1, rows, cols): its bounds are per
+matrix, so a tile past a matrix's last row or column reads zeros, as the masked loads do. A 2-D
+descriptor over the flattened (batch·r, c) would let a K step along rows (A·A's Q, B·X's X) read the next
+matrix's rows; per-matrix descriptors would be one launch (or one device-side descriptor) per matrix.
+An operand stored transposed (Xᵀ in X Xᵀ and XᵀX) is read as blocks of its storage and transposed in
+shared memory. The pointer path (masked loads, cp.async) remains for sm_80, for fp32 compute and
+wherever a requirement fails: base, batch and row strides 16-byte aligned, unit last stride (16-bit
+m, n multiples of 8). tests/test_triton_compile.py checks cp.async.bulk.tensor and wgmma in the sm_90
+kernels.
+
+Launch (`_grid`): a grid of (tiles, batch) programs, or, with FASTOPTIM_TRITON_PERSISTENT=1, a persistent
+grid of min(work items, SMs x resident CTAs) programs that take the batch x tiles work items in turn,
+matrix-major. The grid stays the default: on GPT-2 small's stacks (16-bit, 128-row tiles capped to two
+CTAs per SM: 264 slots on 132 SMs; s = 768 gives 6 x 6 tiles, 21 of them on or above the diagonal)
+
+    stack           launch                 work items   waves (items / 264)   last wave full
+    48 x 768x768    X Xᵀ, A·A (each)       1008         3.82 -> 4              82% (95.5% overall)
+                    B·X                    1728         6.55 -> 7              55% (93.5%)
+    12 x 768x3072   X Xᵀ, A·A              252          0.95 -> 1              95%
+                    B·X                    1728         6.55 -> 7              55% (93.5%)
+    12 x 768x2304   X Xᵀ, A·A              252          0.95 -> 1              95%
+                    B·X                    1296         4.91 -> 5              91% (98.2%)
+
+every work item of a launch costs the same (same K), so a persistent grid runs the same number of rounds
+with the same last partial round: it cannot remove this tail, it saves only the per-CTA launch and
+prologue and orders the work for L2. Whether that pays is for a GPU benchmark to say; nothing here has
+been measured on one.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +77,11 @@ from .._registry import register_kernel
 from ..coefficients import Schedule
 from . import _ns_kernels as kernels
 from ._common import MAX_GRID_Y, device_guard
+
+try:  # host-side TMA descriptors: triton >= 3.4 (3.6 on the GPU machines, 3.8 here)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: the pointer path only
+    TensorDescriptor = None
 
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -54,6 +94,17 @@ _REDUCTION_PROGRAMS_PER_SM = 4
 _REDUCTION_PROGRAMS_INTERPRETER = 8
 _MAX_PARTIALS = 256
 _GROUP_M = 8
+TMA_ENV = "FASTOPTIM_TRITON_TMA"  # 0: pointer loads only; 1: descriptors wherever legal; unset: on sm_90
+PERSISTENT_ENV = "FASTOPTIM_TRITON_PERSISTENT"  # 1: persistent product launches; 0 or unset: the grid
+# Descriptors by default for 16-bit compute only: they feed wgmma from shared memory. fp32 compute ("ieee",
+# FMA dots) reads its tiles into registers anyway, and compiled with descriptors it spills (sm_90: 255
+# registers and 344-11408 bytes of spills per kernel, against none for the pointer path's 64-row tiles);
+# FASTOPTIM_TRITON_TMA=1 still forces them for fp32.
+_TMA_DEFAULT_DTYPES = (torch.bfloat16, torch.float16)
+_TMA_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Resident CTAs per SM of the product kernels by tile (the capped 128-row tiles: two, `_ctas_per_sm`).
+_PERSISTENT_CTAS_PER_SM = {128: 1, 64: 2, 32: 4, 16: 4}
+_PERSISTENT_PROGRAMS_INTERPRETER = 3  # fewer programs than work items: every program loops
 
 
 @dataclass(frozen=True)
@@ -147,6 +198,141 @@ def _num_partials(batch: int, m: int, n: int, device: torch.device) -> int:
     return min(triton.next_power_of_2(per_matrix), triton.next_power_of_2(tiles), _MAX_PARTIALS)
 
 
+def _tma_setting() -> str:
+    setting = os.environ.get(TMA_ENV, "").strip()
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"{TMA_ENV} must be 0, 1 or unset, got {setting!r}")
+    return setting
+
+
+def _persistent_setting() -> bool:
+    setting = os.environ.get(PERSISTENT_ENV, "").strip()
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"{PERSISTENT_ENV} must be 0, 1 or unset, got {setting!r}")
+    return setting == "1"
+
+
+@dataclass(frozen=True)
+class _Path:
+    """How one call launches its products: `tma` (descriptors wherever every operand allows them) and
+    `programs` (None: the grid launch; else the SM count the persistent grid is sized from, 0 off a GPU)."""
+
+    tma: bool
+    programs: int | None
+
+
+def _tma_allowed(device: torch.device, arch: int | None, dtype: torch.dtype) -> bool:
+    """Whether this call's products may read through descriptors (each operand is checked as well, by
+    `_descriptor`). Unset FASTOPTIM_TRITON_TMA: on sm_90 for 16-bit compute; 1: for every compute dtype
+    wherever descriptors run (sm_90 and later, and the interpreter, which emulates them); 0: never."""
+    setting = _tma_setting()
+    if setting == "0" or TensorDescriptor is None:
+        return False
+    if setting == "1":
+        return dtype in _TMA_DTYPES and (device.type == "cpu" or (arch or 0) >= 90)
+    return arch == 90 and dtype in _TMA_DEFAULT_DTYPES
+
+
+def _path(device: torch.device, dtype: torch.dtype) -> _Path:
+    programs = None
+    if _persistent_setting():
+        programs = _multiprocessor_count(device) or 0
+    return _Path(_tma_allowed(device, _arch(device), dtype), programs)
+
+
+def _ctas_per_sm(config: _Config) -> int:
+    """CTAs of a product kernel resident on one SM (`_PERSISTENT_CTAS_PER_SM`; two for the capped
+    128-row tiles); tests/test_triton_compile.py checks that the compiled kernels fit that many."""
+    if config.max_registers == _TWO_CTAS_PER_SM:
+        return 2
+    return _PERSISTENT_CTAS_PER_SM[config.block]
+
+
+def _grid(path: _Path, config: _Config, tiles: int, batch: int) -> tuple[tuple[int, ...], dict]:
+    """The grid of a product launch and its persistent arguments: (tiles, batch) for the grid launch,
+    else min(work items, SMs x resident CTAs) programs (`_PERSISTENT_PROGRAMS_INTERPRETER` off a GPU)."""
+    if path.programs is None:
+        return (tiles, batch), {}
+    programs = path.programs * _ctas_per_sm(config) if path.programs else _PERSISTENT_PROGRAMS_INTERPRETER
+    return (min(tiles * batch, programs),), {"num_matrices": batch, "PERSISTENT": True}
+
+
+def _descriptor(storage: torch.Tensor, transposed: bool, rows: int, cols: int):
+    """A 3-D descriptor over a (batch, r, c) stack for rows x cols tiles of the operand it holds (of its
+    transpose: cols x rows blocks of the storage), or None where TMA's requirements fail: a 16-byte aligned
+    base, 16-byte aligned batch and row strides, a unit last stride."""
+    itemsize = storage.element_size()
+    if (storage.stride(-1) != 1 or storage.data_ptr() % 16
+            or any(stride * itemsize % 16 for stride in storage.stride()[:-1])):
+        return None
+    block = [1, cols, rows] if transposed else [1, rows, cols]
+    return TensorDescriptor(storage, list(storage.shape), list(storage.stride()), block)
+
+
+def _operands(path: _Path, p, p_transposed: bool, q, q_transposed: bool, block_m: int, block_n: int,
+              block_k: int) -> tuple[object, object, tuple[int, ...], dict]:
+    """(P argument, Q argument, their six strides, constexprs) of a product P Q whose operands are stored as
+    (batch, r, c) stacks p and q, holding P and Q or, where flagged, their transposes: descriptors when the
+    path allows them and both operands meet the requirements, else the tensors (the pointer path)."""
+    def strides(storage, transposed):
+        batch, row = storage.stride(0), storage.stride(1)
+        return (batch, 1, row) if transposed else (batch, row, 1)
+
+    pointer_strides = strides(p, p_transposed) + strides(q, q_transposed)
+    if path.tma:
+        p_descriptor = _descriptor(p, p_transposed, block_m, block_k)
+        q_descriptor = _descriptor(q, q_transposed, block_k, block_n)
+        if p_descriptor is not None and q_descriptor is not None:
+            constexprs = {"TMA": True, "P_TRANSPOSED": p_transposed, "Q_TRANSPOSED": q_transposed}
+            return p_descriptor, q_descriptor, pointer_strides, constexprs
+    return p, q, pointer_strides, {}
+
+
+def _options(config: _Config, upcast: bool) -> dict:
+    options = {"UPCAST": upcast, "BLOCK_K": config.block_k, "num_warps": config.num_warps,
+               "num_stages": config.num_stages}
+    if config.max_registers is not None:
+        options["maxnreg"] = config.max_registers
+    return options
+
+
+def _symmetric_product(
+    path: _Path, config: _Config, upcast: bool, p, p_transposed: bool, q, q_transposed: bool,
+    addend: torch.Tensor, out: torch.Tensor, size: int, K: int, alpha: float, beta: float, has_addend: bool,
+) -> None:
+    """out = alpha·(P Q) + beta·addend (size x size stacks) for a symmetric P Q: `_operands` says how P and Q
+    are stored, `path` how the kernel is launched."""
+    tiles = triton.cdiv(size, config.block)
+    grid, persistent = _grid(path, config, tiles * (tiles + 1) // 2, out.shape[0])
+    p_arg, q_arg, strides, constexprs = _operands(
+        path, p, p_transposed, q, q_transposed, config.block, config.block, config.block_k)
+    addend_arg = addend
+    if constexprs and has_addend:  # the addend is read through a descriptor as well, or nothing is
+        addend_arg = _descriptor(addend, False, config.block, config.block)
+        if addend_arg is None:
+            p_arg, q_arg, constexprs, addend_arg = p, q, {}, addend
+    kernels._symmetric_product_kernel[grid](
+        p_arg, q_arg, addend_arg, out, size, K, *strides, out.stride(0), alpha, beta,
+        HAS_ADDEND=has_addend, BLOCK=config.block, **_options(config, upcast), **persistent, **constexprs,
+    )
+
+
+def _product_axpy(
+    path: _Path, config: _Config, upcast: bool, p: torch.Tensor, q: torch.Tensor, x: torch.Tensor,
+    out: torch.Tensor, K: int, alpha: float,
+) -> None:
+    """out = P Q + alpha·x for row-major stacks p (batch, M, K) and q (batch, K, N)."""
+    batch, M, N = out.shape
+    grid, persistent = _grid(path, config, triton.cdiv(M, config.block) * triton.cdiv(N, config.block), batch)
+    p_arg, q_arg, strides, constexprs = _operands(path, p, False, q, False, config.block, config.block,
+                                                  config.block_k)
+    kernels._product_axpy_kernel[grid](
+        p_arg, q_arg, x, out, M, N, K, *strides, x.stride(0), alpha,
+        BLOCK_M=config.block, BLOCK_N=config.block, GROUP_M=_GROUP_M, **_options(config, upcast), **persistent,
+        **constexprs,
+    )
+
+
 def _launch_chunk(
     G, partials, x_buffers, gram, schedule, eps, config, upcast, normalized=False, update_config=None
 ) -> None:
@@ -176,34 +362,15 @@ def _launch_chunk(
             ACC_DTYPE=acc_dtype, NUM_PARTIALS=num_partials, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C,
         )
     A, B = gram
-    gram_tiles = triton.cdiv(size, config.block)
-    triangle = gram_tiles * (gram_tiles + 1) // 2
     update_config = update_config or config
-    update_tiles = triton.cdiv(m, update_config.block) * triton.cdiv(n, update_config.block)
-
-    def launch(config: _Config) -> dict:
-        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-        if config.max_registers is not None:
-            options["maxnreg"] = config.max_registers
-        return {"UPCAST": upcast, "BLOCK_K": config.block_k, **options}
-    # Gram operands: X Xᵀ reads X's rows twice (P = X, Q = Xᵀ); XᵀX reads its columns (P = Xᵀ, Q = X).
-    gram_strides = (1, n, n, 1) if tall else (n, 1, 1, n)
+    path = _path(G.device, x.dtype)
     for a, b, c in schedule.triples:
-        kernels._symmetric_product_kernel[(triangle, batch)](
-            x, x, A, A, size, max(m, n), x.stride(0), *gram_strides[:2], x.stride(0), *gram_strides[2:],
-            A.stride(0), 1.0, 0.0, HAS_ADDEND=False, BLOCK=config.block, **launch(config),
-        )
-        # A·A with Q read row-major as A itself (A is symmetric).
-        kernels._symmetric_product_kernel[(triangle, batch)](
-            A, A, A, B, size, size, A.stride(0), size, 1, A.stride(0), size, 1,
-            B.stride(0), c, b, HAS_ADDEND=True, BLOCK=config.block, **launch(config),
-        )
+        # A = X Xᵀ reads X's rows twice (P = X, Q = Xᵀ); A = XᵀX its columns (P = Xᵀ, Q = X).
+        _symmetric_product(path, config, upcast, x, tall, x, not tall, A, A, size, max(m, n), 1.0, 0.0, False)
+        # B = c·A·A + b·A, with Q read row-major as A itself (A is symmetric).
+        _symmetric_product(path, config, upcast, A, False, A, False, A, B, size, size, c, b, True)
         left, right = (x, B) if tall else (B, x)
-        kernels._product_axpy_kernel[(update_tiles, batch)](
-            left, right, x, x_next, m, n, size, left.stride(0), left.stride(1), 1, right.stride(0),
-            right.stride(1), 1, x.stride(0), a,
-            BLOCK_M=update_config.block, BLOCK_N=update_config.block, GROUP_M=_GROUP_M, **launch(update_config),
-        )
+        _product_axpy(path, update_config, upcast, left, right, x, x_next, size, a)
         # G (when step 0 read it) is never a destination: the next step writes x_buffers[0].
         x, x_next = x_next, (x_buffers[0] if x is G else x)
 
