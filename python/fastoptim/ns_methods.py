@@ -142,14 +142,19 @@ def check_options(
     restarts None (the default restarts) or a tuple. restarts other than None needs method "gram" or "auto"
     (the standard method never restarts); ValueError naming the argument otherwise."""
     method = check_method(method, f"{where}method")
+    refuse_restarts_with_standard(method, restarts, where)
     if restarts is None:
         return method, None
-    if method == "standard":
+    return method, check_restarts(restarts, steps, f"{where}restarts")
+
+
+def refuse_restarts_with_standard(method: str, restarts: object, where: str = "") -> None:
+    """ValueError naming ``{where}restarts`` when restarts are given to the standard method (it never restarts)."""
+    if method == "standard" and restarts is not None:
         raise ValueError(
             f"{where}restarts applies to {where}method='gram' or 'auto' only, got {where}restarts={restarts!r} "
             f"with {where}method='standard'"
         )
-    return method, check_restarts(restarts, steps, f"{where}restarts")
 
 
 def choose_method(m: int, n: int, steps: int, restarts: Sequence[int] | None = None) -> str:

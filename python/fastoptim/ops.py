@@ -253,9 +253,7 @@ def newton_schulz(
     standard). restarts: for gram only (None: the default restarts).
     """
     method = ns_methods.check_method(method)
-    if method == "standard" and restarts is not None:
-        raise ValueError(f"restarts applies to method='gram' or 'auto' only, got restarts={restarts!r} with "
-                         "method='standard'")
+    ns_methods.refuse_restarts_with_standard(method, restarts)
     if method == "auto":
         check.tensor("G", G, min_ndim=2)
         count = len(resolve(coefficients, steps).triples)
