@@ -256,18 +256,26 @@ def test_state_dtype_bfloat16_momentum():
         Muon(params, state_dtype="bf16")
 
 
+def _skip_unless_available(backend: str) -> None:
+    if not backends.available()[backend].available:
+        pytest.skip(backends.available()[backend].reason)
+
+
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("cls", [Muon, NorMuon])
-def test_a_step_with_tensor_lr_is_captured_in_a_cuda_graph(cls):
+def test_a_step_with_tensor_lr_is_captured_in_a_cuda_graph(cls, backend):
     """The whole matrix step (momentum stack, Newton–Schulz, apply stack) replays from a CUDA graph with a
-    new learning rate written into the lr tensor, and matches eager steps."""
+    new learning rate written into the lr tensor, and matches eager steps. Triton: the capture reuses the
+    warm-up's chunk tables (built on another stream; the stack is allocated again in the graph's pool)."""
+    _skip_unless_available(backend)
     device = torch.device("cuda")
     shapes = [(64, 128), (64, 128), (128, 64), (4, 32, 48)]
     params = [torch.randn(s, device=device, requires_grad=True) for s in shapes]
     eager = [p.detach().clone().requires_grad_() for p in params]
     lr = torch.tensor(0.02, device=device)
-    opt = cls(params, lr=lr, weight_decay=0.01)
-    ref = cls(eager, lr=0.02, weight_decay=0.01)
+    opt = cls(params, lr=lr, weight_decay=0.01, backend=backend)
+    ref = cls(eager, lr=0.02, weight_decay=0.01, backend=backend)
     grads = [torch.randn_like(p) for p in params]
     for p, g in zip(params, grads):
         p.grad = g
@@ -293,6 +301,52 @@ def test_a_step_with_tensor_lr_is_captured_in_a_cuda_graph(cls):
         ref.step()
     torch.cuda.synchronize()
     for p, q in zip(params, eager):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-3, atol=2e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_a_whole_training_step_is_captured_in_a_cuda_graph(backend):
+    """Forward, backward and Muon's step in one graph (PyTorch's whole-network capture): the gradients
+    are allocated in the graph's pool, so the Triton backend builds their chunk tables during the capture
+    and keeps them. Replays match eager training step for step."""
+    _skip_unless_available(backend)
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = nn.Sequential(nn.Linear(96, 128, bias=False), nn.Tanh(), nn.Linear(128, 64, bias=False)).to(device)
+    eager = copy.deepcopy(model)
+    lr = torch.tensor(0.02, device=device)
+    opt = Muon(model.parameters(), lr=lr, weight_decay=0.01, backend=backend)
+    ref = Muon(eager.parameters(), lr=0.02, weight_decay=0.01, backend=backend)
+    inputs = torch.randn(32, 96, device=device)
+    targets = torch.randn(32, 64, device=device)
+
+    def train_step(net, optimizer):
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(net(inputs), targets).backward()
+        optimizer.step()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            train_step(model, opt)
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(3):
+        train_step(eager, ref)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        torch.nn.functional.mse_loss(model(inputs), targets).backward()
+        opt.step()
+    for _ in range(4):
+        inputs.copy_(torch.randn_like(inputs))
+        graph.replay()
+        ref.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(eager(inputs), targets).backward()
+        ref.step()
+    torch.cuda.synchronize()
+    for p, q in zip(model.parameters(), eager.parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-3, atol=2e-4)
 
 

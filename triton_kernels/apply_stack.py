@@ -45,6 +45,7 @@ from ._common import (
     chunk_tables,
     device_guard,
     lerp,
+    stack_pointer,
     table_pointer,
     unsupported_lists,
     unsupported_tensors,
@@ -86,6 +87,7 @@ def _muon_apply_block(param_ptr, update_ptr, offsets, mask, keep, step, CAUTIOUS
 @triton.jit
 def _muon_apply_stack_kernel(
     table_ptr,
+    updates_base,
     lr_ptr,
     weight_decay_ptr,
     keep,
@@ -105,7 +107,7 @@ def _muon_apply_stack_kernel(
     """One program per chunk-table row (param, update slice, numel, chunk). Bytes per element: 2·|p| + |U|."""
     row_ptr = table_ptr + tl.program_id(0).to(tl.int64) * 4
     param_ptr = table_pointer(row_ptr, 0, PARAM_DTYPE, ALIGNED)
-    update_ptr = table_pointer(row_ptr, 1, UPDATE_DTYPE, ALIGNED)
+    update_ptr = stack_pointer(row_ptr, 1, updates_base, UPDATE_DTYPE, ALIGNED)
     numel = tl.load(row_ptr + 2)
     chunk_start = tl.load(row_ptr + 3) * CHUNK
     keep, step = _step_scalars(
@@ -146,7 +148,7 @@ def _row_stats_stack_kernel(
     entry = program // tiles_per_chunk
     row_ptr = table_ptr + entry.to(tl.int64) * 5
     second_moment_ptr = table_pointer(row_ptr, 0, MOMENT_DTYPE, ALIGNED)
-    update_ptr = table_pointer(row_ptr, 2, UPDATE_DTYPE, ALIGNED)
+    update_ptr = stack_pointer(row_ptr, 2, updates_base, UPDATE_DTYPE, ALIGNED)
     tile = tl.load(row_ptr + 4) * (CHUNK // BLOCK_M) + program % tiles_per_chunk  # within the matrix
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < m
@@ -167,9 +169,9 @@ def _row_stats_stack_kernel(
         row_scale = tl.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), tl.sqrt_rn(v.to(tl.float32)) + eps)
         norm_sq = tl.sum(tl.where(row_mask, row_sums, 0.0), axis=0)
         normalized_sq = tl.sum(tl.where(row_mask, row_sums * row_scale * row_scale, 0.0), axis=0)
-        # Which matrix: from the update slice's address (the table holds addresses, not indices). The last
-        # block of a matrix with more than CHUNK rows has tiles past its end: they write nothing.
-        matrix = (tl.load(row_ptr + 2) - updates_base) // matrix_bytes
+        # Which matrix: from the update slice's byte offset in the stack. The last block of a matrix with
+        # more than CHUNK rows has tiles past its end: they write nothing.
+        matrix = tl.load(row_ptr + 2) // matrix_bytes
         index = (matrix * tiles_per_matrix + tile) * 2
         in_matrix = tile < tiles_per_matrix
         tl.store(partials_ptr + index, norm_sq, mask=in_matrix)
@@ -213,7 +215,7 @@ def _apply_stack_kernel(
     row_ptr = table_ptr + entry.to(tl.int64) * 5
     second_moment_ptr = table_pointer(row_ptr, 0, MOMENT_DTYPE, ALIGNED)
     param_ptr = table_pointer(row_ptr, 1, PARAM_DTYPE, ALIGNED)
-    update_ptr = table_pointer(row_ptr, 2, UPDATE_DTYPE, ALIGNED)
+    update_ptr = stack_pointer(row_ptr, 2, updates_base, UPDATE_DTYPE, ALIGNED)
     rows = tl.load(row_ptr + 4) * CHUNK + (within // col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (within % col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < m
@@ -224,7 +226,7 @@ def _apply_stack_kernel(
     )
     v = tl.load(second_moment_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     row_scale = tl.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), tl.sqrt_rn(v) + eps)
-    ratio = tl.load(ratio_ptr + (tl.load(row_ptr + 2) - updates_base) // matrix_bytes)
+    ratio = tl.load(ratio_ptr + tl.load(row_ptr + 2) // matrix_bytes)
     o = tl.load(update_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     p = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     o_hat = (o * row_scale[:, None]) * ratio
@@ -273,9 +275,12 @@ def muon_apply_stack_(
         return
     scalars = _scalar_arguments(lr, weight_decay, scale, updates)
     with device_guard(updates):
-        for dtypes, aligned, table in chunk_tables((params, list(updates.unbind(0))), updates.device):
+        for dtypes, aligned, table in chunk_tables(
+            (params, list(updates.unbind(0))), updates.device, stacks={1: updates}
+        ):
             _muon_apply_stack_kernel[(table.shape[0],)](
                 table,
+                updates.data_ptr(),
                 **scalars,
                 PARAM_DTYPE=TL_DTYPES[dtypes[0]],
                 UPDATE_DTYPE=TL_DTYPES[dtypes[1]],
@@ -308,7 +313,7 @@ def normuon_step_stack_(
         return
     device = updates.device
     # Rows of second_moments' chunks: a block of up to CHUNK rows of one matrix (tiles divide CHUNK).
-    tables = chunk_tables((second_moments, params, list(updates.unbind(0))), device)
+    tables = chunk_tables((second_moments, params, list(updates.unbind(0))), device, stacks={2: updates})
     chunk_rows = min(m, CHUNK)
     updates_base, matrix_bytes = updates.data_ptr(), max(m * n * updates.element_size(), 1)
     with device_guard(updates):

@@ -36,6 +36,7 @@ from ._common import (
     lerp,
     pow2,
     rescale_exponent,
+    stack_pointer,
     table_pointer,
     unsupported_lists,
 )
@@ -105,7 +106,7 @@ def _momentum_stack_kernel(
     row_ptr = table_ptr + tl.program_id(0).to(tl.int64) * 5
     buf_ptr = table_pointer(row_ptr, 0, BUF_DTYPE, ALIGNED)
     grad_ptr = table_pointer(row_ptr, 1, GRAD_DTYPE, ALIGNED)
-    out_ptr = table_pointer(row_ptr, 2, OUT_DTYPE, ALIGNED)
+    out_ptr = stack_pointer(row_ptr, 2, out_base, OUT_DTYPE, ALIGNED)
     numel = tl.load(row_ptr + 3)
     chunk = tl.load(row_ptr + 4)
     chunk_start = chunk * CHUNK
@@ -139,8 +140,8 @@ def _momentum_stack_kernel(
                     value = _ns_input_block(buf_ptr, grad_ptr, offsets, mask, beta, NESTEROV)
                 value = tl.where(mask, value * scale, 0.0)
                 sum_squares += tl.sum(value * value, axis=0)
-        # Which matrix of the stack: from the slice's address (the table holds addresses, not indices).
-        matrix = (tl.load(row_ptr + 2) - out_base) // matrix_bytes
+        # Which matrix of the stack: from the slice's byte offset in the stack.
+        matrix = tl.load(row_ptr + 2) // matrix_bytes
         tl.store(partials_ptr + matrix * 2 * max_chunks + chunk, sum_squares)
         tl.store(partials_ptr + matrix * 2 * max_chunks + max_chunks + chunk, exponent.to(tl.float32))
 
@@ -197,10 +198,10 @@ def _recompute_normalize_kernel(
     row_ptr = table_ptr + tl.program_id(0).to(tl.int64) * 5
     buf_ptr = table_pointer(row_ptr, 0, BUF_DTYPE, ALIGNED)
     grad_ptr = table_pointer(row_ptr, 1, GRAD_DTYPE, ALIGNED)
-    out_ptr = table_pointer(row_ptr, 2, OUT_DTYPE, ALIGNED)
+    out_ptr = stack_pointer(row_ptr, 2, out_base, OUT_DTYPE, ALIGNED)
     numel = tl.load(row_ptr + 3)
     chunk_start = tl.load(row_ptr + 4) * CHUNK
-    matrix = (tl.load(row_ptr + 2) - out_base) // matrix_bytes
+    matrix = tl.load(row_ptr + 2) // matrix_bytes
     denominator = tl.load(denominators_ptr + matrix)
     scale = tl.load(denominators_ptr + num_matrices + matrix)
     for block in range(0, tl.minimum(numel - chunk_start, CHUNK), BLOCK):
@@ -236,7 +237,7 @@ def muon_momentum_stack_(
     # A float16 stack is written normalized from the recomputed values (`_recompute_normalize_kernel`).
     store = not (normalize and out.dtype == torch.float16)
     with device_guard(out):
-        for dtypes, aligned, table in chunk_tables((bufs, grads, outs), out.device):
+        for dtypes, aligned, table in chunk_tables((bufs, grads, outs), out.device, stacks={2: out}):
             _momentum_stack_kernel[(table.shape[0],)](
                 table,
                 partials,
@@ -259,7 +260,7 @@ def muon_momentum_stack_(
                 partials, denominators, max_chunks, safety, eps, CHUNKS_BLOCK=triton.next_power_of_2(max_chunks)
             )
         if normalize and not store:
-            for dtypes, aligned, table in chunk_tables((bufs, grads, outs), out.device):
+            for dtypes, aligned, table in chunk_tables((bufs, grads, outs), out.device, stacks={2: out}):
                 _recompute_normalize_kernel[(table.shape[0],)](
                     table,
                     denominators,
